@@ -1,0 +1,149 @@
+"""Checkpoints: a dict with a format tag, everything needed to rebuild the model, and the weights.
+
+    {"format": "advbench-checkpoint/1", "model": name, "model_kwargs": {...}, "dataset": ...,
+     "num_classes": ..., "input_shape": [C, H, W], "normalization": {"mean": [...], "std": [...]},
+     "activation": ..., "defense": {...}, "metrics": {...}, "epoch": ..., "optimizer": state or None,
+     "extra": {...}, "state_dict": {...}}
+
+Written atomically; read with torch.load(weights_only=True), so a checkpoint never runs code.
+A plain state_dict also loads when the caller names the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from .errors import AdvbenchError
+from .fileio import atomic_write
+
+FORMAT = "advbench-checkpoint/1"
+
+
+def build_checkpoint(model, *, dataset: str, defense: Optional[Dict[str, Any]] = None,
+                     metrics: Optional[Dict[str, Any]] = None, epoch: int = 0,
+                     optimizer: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None
+                     ) -> Dict[str, Any]:
+    spec = dict(model.spec)
+    name = spec.pop("name")
+    norm = model.normalize
+    return {
+        "format": FORMAT,
+        "model": name,
+        "model_kwargs": spec,
+        "dataset": dataset,
+        "num_classes": spec.get("num_classes"),
+        "input_shape": [spec.get("in_channels"), spec.get("input_size"), spec.get("input_size")],
+        "normalization": {"mean": norm.mean.reshape(-1).tolist(), "std": norm.std.reshape(-1).tolist()},
+        "activation": spec.get("activation", "relu"),
+        "smooth_backward": spec.get("smooth_backward"),
+        "defense": defense or {"method": "standard"},
+        "metrics": metrics or {},
+        "epoch": int(epoch),
+        "optimizer": optimizer,
+        "extra": extra or {},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def save_checkpoint(path, ckpt: Dict[str, Any]) -> None:
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def file_sha256(path, short: bool = True) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12] if short else h.hexdigest()
+
+
+def read_checkpoint(path) -> Dict[str, Any]:
+    """Load a checkpoint file safely; any failure is an AdvbenchError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise AdvbenchError(f"checkpoint not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        if "weights_only" in str(exc) or "Unsupported" in str(exc):
+            raise AdvbenchError(f"checkpoint {p} was refused: it contains Python objects that would run code "
+                                f"when loaded (only tensors and plain data are accepted)") from None
+        raise AdvbenchError(f"checkpoint {p} is corrupt or truncated ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AdvbenchError(f"checkpoint {p} is corrupt or truncated ({first})") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if not isinstance(obj.get("state_dict"), dict):
+            raise AdvbenchError(f"checkpoint {p} has no state_dict")
+        return obj
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"format": None, "state_dict": obj}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # e.g. other tools' {"state_dict": ...}
+        return {"format": None, "state_dict": obj["state_dict"]}
+    raise AdvbenchError(f"checkpoint {p} is neither an advbench checkpoint nor a state_dict")
+
+
+def load_state(model, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """load_state_dict with an error that names missing / unexpected / mis-shaped keys."""
+    own = model.state_dict()
+    sd = dict(state_dict)
+    if not any(k.startswith("normalize.") for k in sd) and not any(k.startswith("body.") for k in sd):
+        # a plain state_dict of the bare network: prefix it, keep our normalisation
+        sd = {f"body.{k}": v for k, v in sd.items()}
+        for k in ("normalize.mean", "normalize.std"):
+            sd[k] = own[k]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+
+    def brief(keys):
+        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {brief(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {brief(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch: {brief(shapes)}")
+        raise AdvbenchError(f"{source} does not match model {model.spec.get('name')!r}: " + "; ".join(parts))
+    model.load_state_dict(sd)
+
+
+def model_from_checkpoint(path, model_name: Optional[str] = None, dataset=None):
+    """Rebuild a model from a checkpoint. Returns (model, ckpt).
+
+    An advbench checkpoint carries its own architecture; ``model_name`` (if given) must agree.
+    A plain state_dict needs ``model_name`` and ``dataset`` (for shapes and normalisation)."""
+    from .models import create_model, model_for_dataset
+
+    ckpt = read_checkpoint(path)
+    if ckpt["format"] == FORMAT:
+        if model_name and model_name.lower() != str(ckpt["model"]).lower():
+            raise AdvbenchError(f"checkpoint {path} holds model {ckpt['model']!r}, not {model_name!r}")
+        kw = dict(ckpt["model_kwargs"])
+        model = create_model(ckpt["model"], mean=ckpt["normalization"]["mean"], std=ckpt["normalization"]["std"],
+                             **kw)
+        if dataset is not None:
+            c, h, _ = dataset.input_shape
+            if (kw.get("in_channels"), kw.get("input_size")) != (c, h):
+                raise AdvbenchError(f"checkpoint {path} expects {kw.get('in_channels')}x{kw.get('input_size')}"
+                                    f"x{kw.get('input_size')} inputs, dataset {dataset.name} has {c}x{h}x{h}")
+            if kw.get("num_classes") != dataset.num_classes:
+                raise AdvbenchError(f"checkpoint {path} has {kw.get('num_classes')} classes, dataset "
+                                    f"{dataset.name} has {dataset.num_classes}")
+    else:
+        if not model_name or dataset is None:
+            raise AdvbenchError(f"{path} is a plain state_dict: name its architecture with --model")
+        model = model_for_dataset(model_name, dataset)
+    load_state(model, ckpt["state_dict"], source=f"checkpoint {path}")
+    model.eval()
+    return model, ckpt

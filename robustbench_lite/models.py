@@ -1,0 +1,324 @@
+"""Model registry. Every model takes in_channels, num_classes, input_size, mean/std and an
+activation name, and starts with a Normalize layer: models eat images in [0, 1].
+
+Built-in: smallcnn (Madry et al. MNIST net), lenet, resnet18/34/50 (CIFAR-style 3x3 stem),
+preact-resnet18, wrn-28-10, wrn-34-10, and any torchvision classifier as tv:NAME.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import AdvbenchError
+from .registry import ACTIVATIONS, Registry
+
+MODELS = Registry("model", entry_point_group="advbench.models")
+
+ActFactory = Callable[[], nn.Module]
+
+
+def activation_factory(name: str = "relu", smooth_backward: Optional[str] = None) -> ActFactory:
+    """Validate an activation spec and return a factory building one module per call."""
+    key = ACTIVATIONS.canonical(name)
+    if smooth_backward:
+        ACTIVATIONS.canonical(smooth_backward)
+        if key != "relu":
+            raise AdvbenchError(f"--smooth-backward keeps ReLU in the forward pass; it cannot be combined "
+                                f"with --activation {name}")
+        return lambda: ACTIVATIONS.create("relu", smooth_backward=smooth_backward)
+    return lambda: ACTIVATIONS.create(key)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel: the first layer of every model, so eps stays in pixel units."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).reshape(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """Normalize followed by a network; ``spec`` records how to rebuild it (for checkpoints)."""
+
+    def __init__(self, body: nn.Module, mean: Sequence[float], std: Sequence[float], spec: Dict[str, Any]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.body = body
+        self.spec = spec
+
+    def forward(self, x):
+        return self.body(self.normalize(x))
+
+
+# --- small nets -------------------------------------------------------------------------------
+def _small_cnn(in_channels, num_classes, input_size, act: ActFactory):
+    """Madry et al. (2018) MNIST network: conv5x5-32, pool, conv5x5-64, pool, fc1024."""
+    h = input_size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, 5, padding=2), act(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), act(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * h * h, 1024), act(), nn.Linear(1024, num_classes))
+
+
+def _lenet(in_channels, num_classes, input_size, act: ActFactory):
+    """LeNet-5 (LeCun et al. 1998) with max pooling."""
+    h = (input_size // 2 - 4) // 2
+    if h < 1:
+        raise AdvbenchError(f"lenet needs inputs of at least 12x12 (got {input_size})")
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 6, 5, padding=2), act(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), act(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * h * h, 120), act(), nn.Linear(120, 84), act(), nn.Linear(84, num_classes))
+
+
+# --- ResNets (CIFAR-style: 3x3 stem, no max-pool; work on 28x28 and 32x32) --------------------
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, cout, stride, act: ActFactory):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act1, self.act2 = act(), act()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, planes, stride, act: ActFactory):
+        super().__init__()
+        cout = planes * 4
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.act1, self.act2, self.act3 = act(), act(), act()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.act3(out + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation block (He et al. 2016), as used by Wong et al. 2020 fast AT."""
+
+    expansion = 1
+
+    def __init__(self, cin, cout, stride, act: ActFactory):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.act1, self.act2 = act(), act()
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = self.act1(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(self.act2(self.bn2(out)))
+        return out + shortcut
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, layers, in_channels, num_classes, act: ActFactory, preact=False):
+        super().__init__()
+        self.preact = preact
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64) if not preact else nn.Identity()
+        self.act1 = act() if not preact else nn.Identity()
+        cin, stages = 64, []
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, planes, (1 if i == 0 else 2) if j == 0 else 1, act))
+                cin = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.bn_final = nn.BatchNorm2d(cin) if preact else nn.Identity()
+        self.act_final = act() if preact else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = self.act_final(self.bn_final(out))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class WideBlock(nn.Module):
+    def __init__(self, cin, cout, stride, act: ActFactory):
+        super().__init__()
+        self.bn1, self.act1 = nn.BatchNorm2d(cin), act()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.act2 = nn.BatchNorm2d(cout), act()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None if (cin == cout and stride == 1) else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        o = self.act1(self.bn1(x))
+        y = self.conv2(self.act2(self.bn2(self.conv1(o))))
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-widen (Zagoruyko & Komodakis 2016), the RobustBench CIFAR workhorse."""
+
+    def __init__(self, depth, widen, in_channels, num_classes, act: ActFactory):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        layers, cin = [], widths[0]
+        for i, w in enumerate(widths[1:]):
+            for j in range(n):
+                layers.append(WideBlock(cin, w, (1 if i == 0 else 2) if j == 0 else 1, act))
+                cin = w
+        self.blocks = nn.Sequential(*layers)
+        self.bn, self.act = nn.BatchNorm2d(cin), act()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        out = self.act(self.bn(self.blocks(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+_BODIES: Dict[str, Callable[..., nn.Module]] = {
+    "smallcnn": lambda c, k, s, a: _small_cnn(c, k, s, a),
+    "lenet": lambda c, k, s, a: _lenet(c, k, s, a),
+    "resnet18": lambda c, k, s, a: ResNet(BasicBlock, (2, 2, 2, 2), c, k, a),
+    "resnet34": lambda c, k, s, a: ResNet(BasicBlock, (3, 4, 6, 3), c, k, a),
+    "resnet50": lambda c, k, s, a: ResNet(Bottleneck, (3, 4, 6, 3), c, k, a),
+    "preact-resnet18": lambda c, k, s, a: ResNet(PreActBlock, (2, 2, 2, 2), c, k, a, preact=True),
+    "wrn-28-10": lambda c, k, s, a: WideResNet(28, 10, c, k, a),
+    "wrn-34-10": lambda c, k, s, a: WideResNet(34, 10, c, k, a),
+}
+_HELP = {
+    "smallcnn": "Madry et al. MNIST CNN: conv32-conv64-fc1024",
+    "lenet": "LeNet-5",
+    "resnet18": "ResNet-18, CIFAR-style 3x3 stem",
+    "resnet34": "ResNet-34, CIFAR-style 3x3 stem",
+    "resnet50": "ResNet-50 (bottleneck), CIFAR-style 3x3 stem",
+    "preact-resnet18": "pre-activation ResNet-18 (fast AT, Wong et al. 2020)",
+    "wrn-28-10": "WideResNet-28-10",
+    "wrn-34-10": "WideResNet-34-10 (Madry / TRADES CIFAR model)",
+}
+
+
+def _make_builder(name: str):
+    def build(in_channels: int = 3, num_classes: int = 10, input_size: int = 32,
+              mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
+              activation: str = "relu", smooth_backward: Optional[str] = None) -> Classifier:
+        act = activation_factory(activation, smooth_backward)
+        body = _BODIES[name](in_channels, num_classes, input_size, act)
+        return Classifier(body, _per_channel(mean, in_channels), _per_channel(std, in_channels),
+                          dict(name=name, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                               activation=activation, smooth_backward=smooth_backward))
+
+    build.__doc__ = _HELP[name]
+    return build
+
+
+for _n in _BODIES:
+    MODELS.register(_n, _make_builder(_n), help=_HELP[_n])
+
+
+def _per_channel(v: Sequence[float], c: int):
+    v = list(v)
+    if len(v) == 1 and c > 1:
+        v = v * c
+    if len(v) != c:
+        raise AdvbenchError(f"normalisation has {len(v)} channels, the model {c}")
+    return v
+
+
+class _RepeatChannels(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x):
+        return x.expand(-1, self.n, -1, -1) if x.shape[1] == 1 else x
+
+
+def _torchvision_model(tv_name: str, in_channels: int = 3, num_classes: int = 10, input_size: int = 32,
+                       mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
+                       activation: str = "relu", smooth_backward: Optional[str] = None) -> Classifier:
+    """any torchvision classifier, random init (e.g. tv:resnet50, tv:vit_b_16)"""
+    import torchvision.models as tvm
+
+    if tv_name not in tvm.list_models(module=tvm):
+        import difflib
+
+        close = difflib.get_close_matches(tv_name, tvm.list_models(module=tvm), n=3)
+        hint = f"; did you mean {' or '.join('tv:' + c for c in close)}?" if close else ""
+        raise AdvbenchError(f"unknown torchvision model {tv_name!r}{hint}")
+    if in_channels not in (1, 3):
+        raise AdvbenchError(f"tv:{tv_name} takes 1- or 3-channel images (got {in_channels})")
+    net = tvm.get_model(tv_name, weights=None, num_classes=num_classes)
+    act = activation_factory(activation, smooth_backward)
+    if ACTIVATIONS.canonical(activation) != "relu" or smooth_backward:
+        _replace_relu(net, act)
+    body = nn.Sequential(_RepeatChannels(3), net) if in_channels == 1 else net
+    return Classifier(body, _per_channel(mean, in_channels), _per_channel(std, in_channels),
+                      dict(name=f"tv:{tv_name}", in_channels=in_channels, num_classes=num_classes,
+                           input_size=input_size, activation=activation, smooth_backward=smooth_backward))
+
+
+def _replace_relu(module: nn.Module, act: ActFactory) -> None:
+    for child_name, child in module.named_children():
+        if isinstance(child, nn.ReLU):
+            setattr(module, child_name, act())
+        else:
+            _replace_relu(child, act)
+
+
+MODELS.register_prefix("tv:", _torchvision_model)
+
+
+def create_model(name: str, *, in_channels: int = 3, num_classes: int = 10, input_size: int = 32,
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), activation: str = "relu",
+                 smooth_backward: Optional[str] = None) -> Classifier:
+    model = MODELS.create(name, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                          mean=mean, std=std, activation=activation, smooth_backward=smooth_backward)
+    if not isinstance(model, Classifier):  # third-party model: wrap so it still starts with Normalize
+        model = Classifier(model, _per_channel(mean, in_channels), _per_channel(std, in_channels),
+                           dict(name=name, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                                activation=activation, smooth_backward=smooth_backward))
+    return model
+
+
+def model_for_dataset(name: str, dataset, activation: str = "relu", smooth_backward: Optional[str] = None
+                      ) -> Classifier:
+    """Build ``name`` sized for a robustbench_lite.data.Dataset."""
+    c, h, w = dataset.input_shape
+    return create_model(name, in_channels=c, num_classes=dataset.num_classes, input_size=h,
+                        mean=dataset.mean, std=dataset.std, activation=activation, smooth_backward=smooth_backward)

@@ -1,0 +1,43 @@
+"""Device selection, seeding and small run-time helpers shared by training and evaluation."""
+from __future__ import annotations
+
+import os
+import random
+from typing import Optional
+
+import torch
+
+from .errors import AdvbenchError
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    d = (device or "auto").strip().lower()
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise AdvbenchError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+        return torch.device(d)
+    if d == "cpu":
+        return torch.device("cpu")
+    raise AdvbenchError(f"invalid --device {device!r}: expected auto, cpu or cuda")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2 ** 32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def check_positive(name: str, value: Optional[int], minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise AdvbenchError(f"{name} must be >= {minimum} (got {value})")
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))

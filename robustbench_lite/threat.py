@@ -1,0 +1,188 @@
+"""Threat models: eps parsing and the per-norm geometry every attack and defense uses.
+
+Images live in [0, 1] and eps is in pixel units. A threat model is (norm, eps) with norm in
+{linf, l2}. The geometry of each norm lives here and only here: the steepest-ascent step, the
+projection onto the eps-ball, a uniform random point in the ball, and the per-sample norm.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import List, Optional, Union
+
+import torch
+
+from . import rng
+from .errors import AdvbenchError
+
+NORMS = ("linf", "l2")
+TOLERANCE = 1e-6  # ||x_adv - x|| <= eps + TOLERANCE is what every attack must satisfy
+_EPS_HINT = "expected a non-negative number or fraction such as 8/255, 0.03 or .5"
+
+
+def parse_eps(text: Union[str, float, int], norm: Optional[str] = None) -> float:
+    """Parse an eps written as a number or a fraction: ``8/255``, ``0.3``, ``.5``.
+
+    The one parser of the project; every error is an AdvbenchError naming the bad text."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, shown = float(text), repr(text)
+    else:
+        s = str(text).strip()
+        shown = repr(str(text))
+        if not s:
+            raise AdvbenchError(f"invalid eps {shown}: empty; {_EPS_HINT}")
+        try:
+            if "/" in s:
+                num, den = s.split("/", 1)
+                fnum, fden = float(num), float(den)
+                if fden == 0:
+                    raise AdvbenchError(f"invalid eps {shown}: division by zero")
+                value = fnum / fden
+            else:
+                value = float(s)
+        except ValueError:
+            raise AdvbenchError(f"invalid eps {shown}: {_EPS_HINT}") from None
+    if math.isnan(value) or math.isinf(value):
+        raise AdvbenchError(f"invalid eps {shown}: must be a finite number")
+    if value < 0:
+        raise AdvbenchError(f"invalid eps {shown}: must be >= 0")
+    if norm is not None:
+        norm = check_norm(norm)
+        if norm == "linf" and value > 1:
+            raise AdvbenchError(f"invalid eps {shown} for linf: images are in [0, 1], so eps must be <= 1")
+    return value
+
+
+def parse_eps_list(text: str, norm: Optional[str] = None) -> List[float]:
+    """``"2/255,4/255,8/255"`` -> three floats (order kept, duplicates dropped)."""
+    parts = [p for p in str(text).split(",")]
+    if not str(text).strip():
+        raise AdvbenchError(f"invalid eps {str(text)!r}: empty; {_EPS_HINT}")
+    out: List[float] = []
+    for p in parts:
+        v = parse_eps(p, norm)
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def format_eps(eps: float) -> str:
+    """Short human form: 0.0313725 -> '8/255', 0.3 -> '0.3'."""
+    frac = Fraction(eps).limit_denominator(255)
+    if frac.denominator == 255 and abs(float(frac) - eps) < 1e-9:
+        return f"{frac.numerator}/255"
+    return f"{eps:g}"
+
+
+def check_norm(norm: str) -> str:
+    n = str(norm).strip().lower().replace("-", "").replace("_", "")
+    n = {"inf": "linf", "l_inf": "linf", "2": "l2"}.get(n, n)
+    if n not in NORMS:
+        raise AdvbenchError(f"invalid norm {norm!r}: expected one of {', '.join(NORMS)}")
+    return n
+
+
+def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class Geometry:
+    """Per-norm operations on perturbations delta of shape (N, ...)."""
+
+    name = ""
+
+    def norm(self, delta: torch.Tensor) -> torch.Tensor:  # (N,)
+        raise NotImplementedError
+
+    def step(self, grad: torch.Tensor, alpha: float) -> torch.Tensor:
+        """The steepest-ascent direction for this norm, scaled to norm alpha."""
+        raise NotImplementedError
+
+    def project(self, delta: torch.Tensor, eps: float) -> torch.Tensor:
+        """The closest point of the eps-ball."""
+        raise NotImplementedError
+
+    def random(self, like: torch.Tensor, eps: float, seed: int, stream: int, ids: torch.Tensor) -> torch.Tensor:
+        """A point drawn uniformly from the eps-ball, one per sample id."""
+        raise NotImplementedError
+
+
+class LinfGeometry(Geometry):
+    name = "linf"
+
+    def norm(self, delta):
+        return delta.flatten(1).abs().amax(dim=1)
+
+    def step(self, grad, alpha):
+        return alpha * grad.sign()
+
+    def project(self, delta, eps):
+        return delta.clamp(-eps, eps)
+
+    def random(self, like, eps, seed, stream, ids):
+        u = rng.uniform(seed, stream, ids, like.shape[1:], dtype=like.dtype).to(like.device)
+        return (2 * u - 1) * eps
+
+
+class L2Geometry(Geometry):
+    name = "l2"
+
+    def norm(self, delta):
+        return delta.flatten(1).norm(p=2, dim=1)
+
+    def step(self, grad, alpha):
+        n = grad.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+        return alpha * grad / _view(n, grad)
+
+    def project(self, delta, eps):
+        n = delta.flatten(1).norm(p=2, dim=1)
+        scale = torch.where(n > eps, eps / n.clamp_min(1e-12), torch.ones_like(n))
+        return delta * _view(scale, delta)
+
+    def random(self, like, eps, seed, stream, ids):
+        # uniform in the ball: direction uniform on the sphere (normalised Gaussian),
+        # radius eps * U^(1/d) so that volume, not radius, is uniform
+        d = like[0].numel()
+        z = rng.normal(seed, stream, ids, like.shape[1:], dtype=like.dtype).to(like.device)
+        z = z / _view(z.flatten(1).norm(p=2, dim=1).clamp_min(1e-12), z)
+        u = rng.uniform(seed, stream + 1_000_003, ids, (1,), dtype=torch.float64).reshape(-1)
+        r = (eps * u.pow(1.0 / d)).to(like.dtype).to(like.device)
+        return z * _view(r, z)
+
+
+GEOMETRIES = {"linf": LinfGeometry(), "l2": L2Geometry()}
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    norm: str
+    eps: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "norm", check_norm(self.norm))
+        object.__setattr__(self, "eps", parse_eps(self.eps, self.norm))
+
+    @classmethod
+    def parse(cls, norm: str, eps: Union[str, float]) -> "ThreatModel":
+        return cls(check_norm(norm), parse_eps(eps, norm))
+
+    @property
+    def geometry(self) -> Geometry:
+        return GEOMETRIES[self.norm]
+
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.geometry.norm((x_adv - x).detach().float())
+
+    def violations(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of samples outside the ball or outside [0, 1] (or not finite)."""
+        d = self.distance(x_adv, x)
+        flat = x_adv.detach().flatten(1)
+        bad_box = (flat < 0).any(1) | (flat > 1).any(1) | ~torch.isfinite(flat).all(1)
+        return (d > self.eps + TOLERANCE) | bad_box | ~torch.isfinite(d)
+
+    def label(self) -> str:
+        return f"{self.norm} eps={format_eps(self.eps)}"
+
+    def __str__(self) -> str:
+        return self.label()
