@@ -1,0 +1,41 @@
+"""Attack plugins on one shared engine (attacks.engine).
+
+    attack = attacks.create("pgd", threat=ThreatModel("linf", 8/255), steps=10)
+    x_adv = attack(model, x, y)          # same shape, within the threat model
+
+Built-in: fgsm, bim (alias ifgsm), pgd. Third-party attacks register on import through the
+``advbench.attacks`` entry-point group, e.g. in their pyproject.toml:
+``[project.entry-points."advbench.attacks"] mine = "mypkg.my_attack"`` where my_attack does
+``@attacks.ATTACKS.register("mine") class Mine(attacks.Attack): defaults = {...}``.
+
+This package stays light: importing it pulls in torch and robustbench_lite's registry/threat
+only (never the CLI or the evaluator).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from robustbench_lite.registry import Registry
+from robustbench_lite.threat import ThreatModel
+
+from .engine import Attack, attack_mode, random_targets
+
+ATTACKS = Registry("attack", builtin_modules=("attacks.fgsm", "attacks.bim", "attacks.pgd"),
+                   entry_point_group="advbench.attacks")
+
+
+def create(name: str, threat: Optional[ThreatModel] = None, **kwargs: Any) -> Attack:
+    """Build the attack registered as ``name`` (case-insensitive, aliases allowed); every
+    engine parameter (threat, steps, alpha, random_start, restarts, loss, targeted, seed,
+    early_stop, keep, model_mode, amp) can be given to override the plugin's defaults."""
+    if threat is not None:
+        kwargs["threat"] = threat
+    return ATTACKS.create(name, **kwargs)
+
+
+def names() -> List[str]:
+    """Registered attack names (built-in and third-party), sorted."""
+    return ATTACKS.names()
+
+
+__all__ = ["ATTACKS", "Attack", "attack_mode", "create", "names", "random_targets"]

@@ -1,0 +1,411 @@
+"""The one attack loop: FGSM, BIM and PGD are this loop with different settings.
+
+Projected gradient ascent on a per-sample loss L inside the threat model's eps-ball:
+
+    delta_0     = 0                                     (FGSM, BIM)
+                  uniform point of the eps-ball         (PGD, random_start=True)
+    delta_{t+1} = clip_[0,1]( Proj_eps( delta_t + alpha * step(grad_delta L(x + delta_t)) ) )
+
+where step() is the steepest-ascent direction of the norm: sign(g) for L-inf (Goodfellow et al.
+2015; Kurakin et al. 2016), g / ||g||_2 for L2. With steps=1 and alpha=eps this is FGSM (FGM in
+L2); with delta_0 = 0 and alpha < eps it is BIM / I-FGSM; with a random start and restarts it is
+PGD (Madry et al., ICLR 2018), the inner maximisation of adversarial training. The geometry
+(step, projection, random point) comes from robustbench_lite.threat; the losses from
+attacks.losses.
+
+Per-sample bookkeeping. A sample is fooled when argmax z != y (untargeted) or argmax z == target
+(targeted). The logits of the forward pass that computes the gradient at iterate t already say
+whether iterate t fools, so no extra forward is spent on that; only the final iterate needs one
+no-grad forward, and only for the samples whose result depends on it. Which iterate is returned
+per sample is ``keep``:
+
+  first-fool  the first iterate that fools the sample, else the highest-loss iterate (default)
+  best-loss   the highest-loss iterate visited
+  last        the last iterate visited (adversarial training: early_stop=False, keep="last")
+
+Iterate 0 is the starting point: without a random start, a sample the model already gets wrong
+is returned unperturbed under first-fool. With early_stop=True a sample leaves the working batch
+as soon as it is fooled (the batch shrinks); restarts run only on samples that no iterate has
+fooled yet. Without a random start, restarts would repeat the same walk and are skipped.
+
+Randomness (random start, random targets) comes from robustbench_lite.rng keyed by
+(seed, stream, sample id): the random start of restart r uses stream r. So attacking sample i
+inside any batch gives the same result as attacking it alone with sample_ids=[i].
+
+model_mode="train" (adversarial training with BatchNorm in train mode) makes every forward use
+batch statistics, so a sample's result depends on its batch: use it with early_stop=False.
+
+Costs: one step is one forward and one backward to the INPUT (parameters' requires_grad is off
+during the attack); the loss is summed over the batch. The inner loop synchronises with the
+device only to shrink the batch (early_stop=True), once per step.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import numbers
+from typing import Any, Dict, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from robustbench_lite import rng
+from robustbench_lite.errors import AdvbenchError
+from robustbench_lite.threat import ThreatModel
+
+from . import losses
+
+KEEP_CHOICES = ("first-fool", "best-loss", "last")
+TARGETED_CHOICES = ("random", "least-likely")
+MODEL_MODES = ("eval", "train")
+AMP_CHOICES = ("bf16",)
+TARGET_STREAM = 1 << 28  # rng stream of random targets (restart r's random start uses stream r)
+
+# Engine-wide defaults; a plugin's ``defaults`` override them, explicit arguments override both.
+BASE_DEFAULTS: Dict[str, Any] = dict(
+    steps=10, alpha=None, random_start=False, restarts=1, loss="ce", targeted=False, seed=0,
+    early_stop=True, keep="first-fool", model_mode="eval", amp=None,
+)
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
+    """Put ``model`` in eval (or train) mode with every parameter's requires_grad off; restore
+    each module's ``training`` flag and each parameter's ``requires_grad`` exactly on exit, also
+    when the body raises."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.train(mode == "train")
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+
+
+def _err(attack: str, param: str, value: Any, expected: str) -> AdvbenchError:
+    return AdvbenchError(f"invalid {param}={value!r} for attack {attack!r}: {expected}")
+
+
+def _choice(attack: str, param: str, value: Any, choices: Sequence[str]) -> str:
+    v = str(value).strip().lower().replace("_", "-")
+    if v in choices:
+        return v
+    close = difflib.get_close_matches(v, choices, n=1, cutoff=0.5)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise _err(attack, param, value, f"expected one of {', '.join(choices)}{hint}")
+
+
+def random_targets(y: torch.Tensor, num_classes: int, seed: int, sample_ids: torch.Tensor) -> torch.Tensor:
+    """One target class per sample, uniform over the classes != y, keyed by (seed, sample id)
+    so that it does not depend on batching (what targeted="random" uses)."""
+    offset = 1 + rng.randint(seed, TARGET_STREAM, sample_ids, num_classes - 1).to(y.device)
+    return (y + offset) % num_classes
+
+
+class Attack:
+    """A gradient attack inside a threat model; see the module docstring for the algorithm.
+
+    ``attack = Attack(threat, steps=..., ...)``; ``x_adv = attack(model, x, y)``.
+    Subclasses (plugins) only set ``name``, ``defaults`` and, if needed, ``default_alpha``.
+    Every argument left as None takes the plugin's default, then the engine's (BASE_DEFAULTS).
+    """
+
+    name = "attack"
+    defaults: Dict[str, Any] = {}
+
+    def __init__(
+        self,
+        threat: Optional[ThreatModel] = None,
+        *,
+        norm: Optional[str] = None,
+        eps: Union[float, str, None] = None,
+        steps: Optional[int] = None,
+        alpha: Optional[float] = None,
+        random_start: Optional[bool] = None,
+        restarts: Optional[int] = None,
+        loss: Optional[str] = None,
+        targeted: Union[bool, str, None] = None,
+        seed: Optional[int] = None,
+        early_stop: Optional[bool] = None,
+        keep: Optional[str] = None,
+        model_mode: Optional[str] = None,
+        amp: Optional[str] = None,
+        **unknown: Any,
+    ):
+        n = self.name
+        if unknown:
+            known = ["threat", "norm", "eps", *BASE_DEFAULTS]
+            bad = sorted(unknown)[0]
+            close = difflib.get_close_matches(bad, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise AdvbenchError(f"unknown parameter {bad!r} for attack {n!r}{hint} (known: {', '.join(known)})")
+
+        # -- threat model --------------------------------------------------------------------
+        if threat is None:
+            if eps is None:
+                raise AdvbenchError(f"attack {n!r} needs a threat model: threat=ThreatModel(norm, eps) or eps=...")
+            threat = ThreatModel(norm or "linf", eps)
+        elif norm is not None or eps is not None:
+            raise AdvbenchError(f"attack {n!r}: give either threat= or norm=/eps=, not both")
+        if not isinstance(threat, ThreatModel):
+            raise AdvbenchError(f"invalid threat={threat!r} for attack {n!r}: expected a ThreatModel")
+        self.threat = threat
+
+        given = dict(steps=steps, alpha=alpha, random_start=random_start, restarts=restarts, loss=loss,
+                     targeted=targeted, seed=seed, early_stop=early_stop, keep=keep, model_mode=model_mode,
+                     amp=amp)
+        cfg = {**BASE_DEFAULTS, **self.defaults, **{k: v for k, v in given.items() if v is not None}}
+
+        # -- validation: one AdvbenchError naming the parameter ------------------------------
+        for key in ("steps", "restarts"):
+            v = cfg[key]
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise _err(n, key, v, "must be an integer >= 1")
+            cfg[key] = int(v)
+        if cfg["alpha"] is None:
+            cfg["alpha"] = float(self.default_alpha(threat.eps, cfg["steps"]))
+        a = cfg["alpha"]
+        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a < 0:
+            raise _err(n, "alpha", a, "the step size must be a finite number >= 0")
+        cfg["alpha"] = float(a)
+        for key in ("random_start", "early_stop"):
+            if not isinstance(cfg[key], bool):
+                raise _err(n, key, cfg[key], "must be True or False")
+        try:
+            cfg["loss"] = losses.check_loss(cfg["loss"])
+        except AdvbenchError:
+            choices = losses.LOSSES.names()
+            close = difflib.get_close_matches(str(cfg["loss"]).lower(), choices, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _err(n, "loss", cfg["loss"], f"expected one of {', '.join(choices)}{hint}") from None
+        t = cfg["targeted"]
+        if t is True:
+            raise _err(n, "targeted", t, "say which targets: 'random' or 'least-likely' "
+                                         "(or pass target= when calling the attack)")
+        if t is False or (isinstance(t, str) and t.strip().lower() in ("", "false", "none", "no")):
+            cfg["targeted"] = False
+        else:
+            cfg["targeted"] = _choice(n, "targeted", t, TARGETED_CHOICES + ("ll",))
+            if cfg["targeted"] == "ll":
+                cfg["targeted"] = "least-likely"
+        s = cfg["seed"]
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise _err(n, "seed", s, "must be an integer")
+        cfg["seed"] = int(s)
+        cfg["keep"] = _choice(n, "keep", cfg["keep"], KEEP_CHOICES)
+        cfg["model_mode"] = _choice(n, "model_mode", cfg["model_mode"], MODEL_MODES)
+        if cfg["amp"] is not None and str(cfg["amp"]).strip().lower() in ("", "none", "off", "false", "fp32"):
+            cfg["amp"] = None
+        if cfg["amp"] is not None:
+            cfg["amp"] = _choice(n, "amp", cfg["amp"], AMP_CHOICES)
+
+        self.steps: int = cfg["steps"]
+        self.alpha: float = cfg["alpha"]
+        self.random_start: bool = cfg["random_start"]
+        self.restarts: int = cfg["restarts"]
+        self.loss: str = cfg["loss"]
+        self.targeted: Union[bool, str] = cfg["targeted"]
+        self.seed: int = cfg["seed"]
+        self.early_stop: bool = cfg["early_stop"]
+        self.keep: str = cfg["keep"]
+        self.model_mode: str = cfg["model_mode"]
+        self.amp: Optional[str] = cfg["amp"]
+        self.last_stats: Dict[str, int] = {}
+
+    def default_alpha(self, eps: float, steps: int) -> float:
+        """Step size when none is given. The engine's default is PGD's 2.5 * eps / steps
+        (Madry et al. 2018), which lets a walk from any start reach the ball's far side."""
+        return 2.5 * eps / steps
+
+    # -- description -----------------------------------------------------------------------
+    def config(self) -> Dict[str, Any]:
+        """The resolved parameters, JSON-able (for results and the leaderboard)."""
+        return {
+            "attack": self.name, "norm": self.threat.norm, "eps": self.threat.eps, "steps": self.steps,
+            "alpha": self.alpha, "random_start": self.random_start, "restarts": self.restarts,
+            "loss": self.loss, "targeted": self.targeted, "seed": self.seed, "early_stop": self.early_stop,
+            "keep": self.keep, "model_mode": self.model_mode, "amp": self.amp,
+        }
+
+    def __repr__(self) -> str:
+        c = self.config()
+        c.pop("attack")
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in c.items())})"
+
+    # -- the attack ------------------------------------------------------------------------
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 target: Optional[torch.Tensor] = None,
+                 sample_ids: Union[torch.Tensor, Sequence[int], None] = None) -> torch.Tensor:
+        """Adversarial examples for (x, y): same shape, dtype and device as x, inside the
+        threat model and [0, 1]. ``target`` (N,) makes the attack targeted at those classes.
+        ``sample_ids`` (N,) key the random numbers (default 0..N-1). x is not modified."""
+        x = x.detach()
+        n = x.shape[0]
+        dev = x.device
+        if not x.is_floating_point():
+            raise ValueError(f"attack {self.name!r}: images must be a float tensor in [0, 1], got {x.dtype}")
+        y = torch.as_tensor(y, device=dev).reshape(-1).long()
+        if y.numel() != n:
+            raise ValueError(f"attack {self.name!r}: {y.numel()} labels for {n} images")
+        if sample_ids is None:
+            ids = torch.arange(n, device=dev)
+        else:
+            ids = torch.as_tensor(sample_ids, device=dev).reshape(-1).long()
+            if ids.numel() != n:
+                raise ValueError(f"attack {self.name!r}: {ids.numel()} sample_ids for {n} images")
+        if target is not None:
+            target = torch.as_tensor(target, device=dev).reshape(-1).long()
+            if target.numel() != n:
+                raise ValueError(f"attack {self.name!r}: {target.numel()} targets for {n} images")
+
+        self._stats = {"forward": 0, "backward": 0, "forward_samples": 0, "backward_samples": 0}
+        try:
+            with attack_mode(model, self.model_mode):
+                x_adv = self._attack(model, x, y, target, ids)
+        finally:
+            self.last_stats = dict(self._stats)
+        return x_adv
+
+    def _forward(self, model: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        """Logits in float32 (the hook for bf16 autocast: forward in bf16, loss in float32)."""
+        self._stats["forward"] += 1
+        self._stats["forward_samples"] += inp.shape[0]
+        if self.amp == "bf16":
+            with torch.autocast(device_type=inp.device.type, dtype=torch.bfloat16):
+                out = model(inp)
+        else:
+            out = model(inp)
+        return out.float()
+
+    def _labels(self, model, x, y, target, ids):
+        """(labels the loss uses, targeted?) — true labels, or explicit/random/least-likely targets."""
+        if target is not None:
+            return target, True
+        if not self.targeted:
+            return y, False
+        with torch.no_grad():
+            logits = self._forward(model, x)  # one clean forward: the number of classes, or argmin
+        if self.targeted == "least-likely":
+            return logits.argmin(dim=1), True
+        c = logits.shape[1]
+        if c < 2:
+            raise AdvbenchError(f"attack {self.name!r}: random targets need at least 2 classes")
+        return random_targets(y, c, self.seed, ids), True
+
+    def _attack(self, model, x, y, target, ids) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.clone()
+        labels, targeted = self._labels(model, x, y, target, ids)
+        if self.threat.eps == 0:
+            return x.clone().clamp_(0, 1)  # nothing can move: the clean input is the answer
+        n = x.shape[0]
+        best_delta = torch.zeros_like(x)
+        best_loss = torch.full((n,), float("-inf"), device=x.device)
+        fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+        loss_fn = losses.get_loss(self.loss, targeted)
+        # Without a random start every restart would repeat the same deterministic walk.
+        restarts = self.restarts if self.random_start else 1
+        for r in range(restarts):
+            if r == 0:
+                idx = torch.arange(n, device=x.device)
+            else:  # restarts only for the samples that no iterate has fooled yet
+                idx = (~fooled).nonzero().reshape(-1)
+                if idx.numel() == 0:
+                    break
+            self._restart(model, x, labels, ids, targeted, loss_fn, r, r == restarts - 1, idx,
+                          best_delta, best_loss, fooled)
+        return (x + best_delta).clamp_(0, 1)
+
+    def _restart(self, model, x, labels, ids, targeted, loss_fn, r, final_restart, idx,
+                 best_delta, best_loss, fooled) -> None:
+        """One walk of ``steps`` steps for the samples ``idx``; results go into the (N,) buffers
+        best_delta / best_loss / fooled, written as samples finish."""
+        geo, eps, alpha, keep = self.threat.geometry, self.threat.eps, self.alpha, self.keep
+        view = (-1,) + (1,) * (x.dim() - 1)
+        xa, la = x[idx], labels[idx]
+        bd, bl = best_delta[idx], best_loss[idx]
+        fa = torch.zeros(idx.numel(), dtype=torch.bool, device=x.device)  # fooled in this walk
+
+        if self.random_start:
+            delta = geo.random(xa, eps, self.seed, r, ids[idx])
+            delta = (xa + delta).clamp_(0, 1).sub_(xa)
+        else:
+            delta = torch.zeros_like(xa)
+
+        def fools(logits: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+            pred = logits.argmax(dim=1)
+            return pred == lab if targeted else pred != lab
+
+        def update(loss: torch.Tensor, fool: torch.Tensor) -> None:
+            # choose, per sample, whether iterate ``delta`` replaces the kept one
+            nonlocal bd, bl, fa
+            if keep == "last":
+                bd, bl = delta, loss
+            else:
+                if keep == "first-fool":
+                    upd = ~fa & (fool | (loss > bl))
+                else:  # best-loss
+                    upd = loss > bl
+                bd = torch.where(upd.view(view), delta, bd)
+                bl = torch.where(upd, loss, bl)
+            fa = fa | fool
+
+        def store() -> None:
+            # write the working batch back into the (N,) buffers (no host sync: idx is known)
+            best_delta.index_copy_(0, idx, bd.to(best_delta.dtype))
+            best_loss.index_copy_(0, idx, bl)
+            fooled.index_copy_(0, idx, fooled[idx] | fa)
+
+        for _ in range(self.steps):
+            # one forward + one backward to the input; the loss is summed over the batch
+            delta.requires_grad_(True)
+            with torch.enable_grad():
+                logits = self._forward(model, xa + delta)
+                loss = loss_fn(logits, la)
+                (grad,) = torch.autograd.grad(loss.sum(), delta)
+            self._stats["backward"] += 1
+            self._stats["backward_samples"] += xa.shape[0]
+            delta = delta.detach()
+            loss = loss.detach()
+            update(loss, fools(logits.detach(), la))
+
+            if self.early_stop:  # fooled samples leave the batch (the one sync of the step)
+                alive = (~fa).nonzero().reshape(-1)
+                if alive.numel() < fa.numel():
+                    store()  # the leavers' results (the others' are overwritten later)
+                    if alive.numel() == 0:
+                        return
+                    idx, xa, la, delta, grad = idx[alive], xa[alive], la[alive], delta[alive], grad[alive]
+                    bd, bl, fa = bd[alive], bl[alive], fa[alive]
+
+            # the ascent step, projection onto the ball, then back into the image box
+            delta = geo.project(delta + geo.step(grad, alpha), eps)
+            delta = (xa + delta).clamp_(0, 1).sub_(xa)
+
+        # The final iterate: its fate matters only for samples not fooled yet (for best-loss: for
+        # all). keep="last" on the final restart needs no forward at all.
+        if keep == "last" and final_restart:
+            bd = delta
+        else:
+            need = None if keep == "best-loss" else (~fa).nonzero().reshape(-1)
+            if need is not None and need.numel() == fa.numel():
+                need = None  # everybody: no gather
+            if need is None or need.numel() > 0:
+                with torch.no_grad():
+                    if need is None:
+                        logits = self._forward(model, xa + delta)
+                        loss, fool = loss_fn(logits, la), fools(logits, la)
+                    else:  # the others are fooled already: their kept iterate cannot change
+                        logits = self._forward(model, xa[need] + delta[need])
+                        loss = torch.full_like(bl, float("-inf")).index_copy_(0, need, loss_fn(logits, la[need]))
+                        fool = torch.zeros_like(fa).index_copy_(0, need, fools(logits, la[need]))
+                update(loss, fool)
+            if keep == "last":
+                bd = delta
+        store()
