@@ -149,6 +149,192 @@ def train_cmd(
         console.print(f"done: test accuracy {last['test_acc']:.2%}; checkpoint {path}")
 
 
+# --- train-robust -----------------------------------------------------------------------------
+@app.command("train-robust")
+def train_robust_cmd(
+    model: str = typer.Option("smallcnn", "--model", "-m", help="Model name (see `advbench list`)."),
+    dataset: str = typer.Option("mnist-5k", "--dataset", "-d", help="Dataset name or npz:PATH."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where torchvision datasets live."),
+    download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing."),
+    method: str = typer.Option("pgd-at", "--method",
+                               help="Defense: pgd-at, fgsm-rs, trades, mix (see `advbench list`)."),
+    eps: Optional[str] = typer.Option(None, "--eps", help="Training budget in pixel units (default: 0.3 for "
+                                                         "grey-scale datasets, 8/255 for colour ones)."),
+    norm: str = typer.Option("linf", "--norm", help="linf or l2."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Inner attack steps (default: 7 for pgd-at and "
+                                                              "trades, 1 for fgsm-rs and mix)."),
+    alpha: Optional[str] = typer.Option(None, "--alpha", help="Inner step size (default: 2.5*eps/steps; "
+                                                              "fgsm-rs 1.25*eps; mix eps)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="TRADES robustness weight (default 6)."),
+    mix_weight: Optional[float] = typer.Option(None, "--mix-weight", help="mix: weight of the clean loss "
+                                                                         "(default 0.5)."),
+    bn_mode: str = typer.Option("eval", "--bn-mode", help="BatchNorm mode during the inner attack: eval or train."),
+    eps_warmup: int = typer.Option(0, "--eps-warmup", help="Ramp eps linearly over this many first epochs."),
+    activation: str = typer.Option("relu", "--activation", help="Activation (see `advbench list`)."),
+    smooth_backward: Optional[str] = typer.Option(None, "--smooth-backward",
+                                                  help="Keep ReLU forward, use this activation's derivative "
+                                                       "backward."),
+    swa_start: Optional[int] = typer.Option(None, "--swa-start", help="SWA: average the weights from this epoch on."),
+    swa_lr: Optional[float] = typer.Option(None, "--swa-lr", help="SWA: constant learning rate from --swa-start on."),
+    ema: Optional[float] = typer.Option(None, "--ema", help="EMA of the weights with this decay (e.g. 0.999)."),
+    val_size: int = typer.Option(500, "--val-size", help="Training examples held out for robust early stopping "
+                                                         "(0: none)."),
+    val_steps: int = typer.Option(10, "--val-steps", help="PGD steps of the per-epoch validation."),
+    epochs: int = typer.Option(10, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(0.001, "--lr"),
+    optimizer: str = typer.Option("adam", "--optimizer", help="sgd or adam."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine, step or constant."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    augment: bool = typer.Option(False, "--augment/--no-augment", help="Random crop (+ flip for colour)."),
+    seed: int = typer.Option(0, "--seed"),
+    n_train: Optional[int] = typer.Option(None, "--n-train", help="Train on a seeded subset of this size."),
+    out: Optional[str] = typer.Option(None, "--out", help="Checkpoint of the last epoch (default: the zoo entry "
+                                                          "MODEL-DATASET-METHOD[-ACT].pt); the best epoch goes "
+                                                          "to the same name with .best.pt, metrics to "
+                                                          ".metrics.csv."),
+    results_dir: str = typer.Option("results", "--results-dir"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from --out's last epoch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate the final and best models with PGD "
+                                                                "and record them in the leaderboard."),
+    eval_steps: int = typer.Option(20, "--eval-steps", help="PGD steps of the final evaluation."),
+    n_eval: Optional[int] = typer.Option(1000, "--n-eval", help="Test examples of the final evaluation."),
+):
+    """Adversarial training (PGD-AT, fast FGSM-RS, TRADES, Goodfellow mix) with smooth activations, SWA/EMA,
+    robust early stopping on a held-out split, exact resume, and a final PGD evaluation in the leaderboard."""
+    from .training import RobustTrainOptions, run_robust_training
+
+    opts = RobustTrainOptions(
+        model=model, dataset=dataset, data_dir=data_dir, download=download, method=method, eps=eps, norm=norm,
+        steps=steps, alpha=alpha, beta=beta, mix_weight=mix_weight, bn_mode=bn_mode, eps_warmup=eps_warmup,
+        activation=activation, smooth_backward=smooth_backward, swa_start=swa_start, swa_lr=swa_lr, ema=ema,
+        val_size=val_size, val_steps=val_steps, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        schedule=schedule, weight_decay=weight_decay, augment=augment, seed=seed, n_train=n_train, out=out,
+        results_dir=results_dir, resume=resume, device=device, evaluate=evaluate, eval_steps=eval_steps,
+        n_eval=n_eval)
+    run_robust_training(opts, console=console)
+
+
+# --- attack / leaderboard / run (the evaluator) --------------------------------------------------
+def _print_json(obj) -> None:
+    import json
+
+    from .leaderboard import jsonable
+
+    typer.echo(json.dumps(jsonable(obj), indent=2))
+
+
+def _report_run(record, out: Console) -> None:
+    from .suite import result_tables
+
+    for t in result_tables(record):
+        out.print(t)
+    out.print(f"run {record.run_id}: {record.run_dir}; leaderboard "
+              f"{Path(record.run_dir).parent.parent / 'leaderboard.csv'}", markup=False, highlight=False)
+
+
+@app.command("attack")
+def attack_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Model name; without --checkpoint its zoo baseline is used "
+                                             "(trained and cached when missing)."),
+    eps: str = typer.Option(..., "--eps", help="Budget in pixel units (8/255, 0.3), or a sweep: 2/255,4/255,8/255."),
+    norm: str = typer.Option("linf", "--norm", help="linf or l2."),
+    attack: str = typer.Option("fgsm,bim,pgd", "--attack", "-a", help="Comma-separated attacks."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Steps of the iterative attacks (bim, pgd)."),
+    alpha: Optional[str] = typer.Option(None, "--alpha", help="Step size of the iterative attacks (e.g. 2/255)."),
+    restarts: Optional[int] = typer.Option(None, "--restarts", help="Random restarts of pgd."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="ce or margin."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d",
+                                          help="Dataset name or npz:PATH (default: the checkpoint's, else mnist-5k)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where torchvision datasets live."),
+    download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint to evaluate."),
+    n_examples: Optional[int] = typer.Option(1000, "--n-examples", "-n", help="Test examples (seeded subset)."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, "--seed"),
+    results_dir: str = typer.Option("results", "--results-dir"),
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary (only) on stdout."),
+):
+    """Accuracy under FGSM / BIM / PGD: clean, per attack, worst case; recorded in the leaderboard."""
+    from .evaluator import resolve_threats
+    from .suite import RunSpec, cli_attack_specs, execute_run
+
+    threats = resolve_threats(eps=eps, norm=norm)
+    specs = cli_attack_specs(attack, steps=steps, alpha=alpha, restarts=restarts, loss=loss)
+    spec = RunSpec(model=model, checkpoint=checkpoint, dataset=dataset, threats=threats, attacks=specs,
+                   n_examples=n_examples, batch_size=batch_size, device=device, seed=seed, results_dir=results_dir,
+                   data_dir=data_dir, download=download)
+    out = err_console if json_out else console
+    record = execute_run(spec, console=out, progress_console=err_console)
+    if json_out:
+        _print_json(record.summary())
+    else:
+        _report_run(record, out)
+
+
+@app.command("leaderboard")
+def leaderboard_cmd(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Only this dataset."),
+    norm: Optional[str] = typer.Option(None, "--norm", help="Only this norm (linf, l2)."),
+    eps: Optional[str] = typer.Option(None, "--eps", help="Only this eps (e.g. 8/255)."),
+    fmt: str = typer.Option("md", "--format", "-f", help="md, csv or json."),
+    results_dir: str = typer.Option("results", "--results-dir"),
+):
+    """Print the leaderboard (results/leaderboard.csv), optionally filtered."""
+    from . import leaderboard as lb
+    from .threat import parse_eps
+
+    fmt = fmt.strip().lower()
+    if fmt not in ("md", "csv", "json"):
+        raise AdvbenchError(f"invalid --format {fmt!r}: expected md, csv or json")
+    eps_v = parse_eps(eps) if eps is not None else None
+    df = lb.filter_rows(lb.read(results_dir), dataset=dataset, norm=norm, eps=eps_v)
+    if df.empty:
+        if fmt == "json":
+            typer.echo("[]")
+        what = "matching these filters " if (dataset or norm or eps) else ""
+        typer.echo(f"no results yet {what}in {lb.csv_path(results_dir)} (run `advbench attack` first)", err=True)
+        return
+    typer.echo({"md": lb.render_markdown, "csv": lb.render_csv, "json": lb.render_json}[fmt](df).rstrip("\n"))
+
+
+@app.command("run")
+def run_cmd(
+    suite: str = typer.Argument(..., help="Suite file (YAML): models x threat models x attacks."),
+    results_dir: Optional[str] = typer.Option(None, "--results-dir", help="Overrides the suite's results_dir."),
+    device: Optional[str] = typer.Option(None, "--device", help="Overrides the suite's device."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the suite and list its runs; run nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary (only) on stdout."),
+):
+    """Run a benchmark suite (YAML); every model's results go to the same leaderboard."""
+    from .suite import execute_run, load_suite
+
+    s = load_suite(suite)
+    runs = s.runs(results_dir=results_dir, device=device)
+    out = err_console if json_out else console
+    out.print(f"suite {s.name}: {len(runs)} model(s) x {len(s.threats)} threat model(s) x {len(s.attacks)} "
+              f"attack(s)", markup=False, highlight=False)
+    if dry_run:
+        for r in runs:
+            out.print(f"  {r.model or ''} {r.checkpoint or '(zoo)'} on {r.dataset or 'default dataset'}: "
+                      f"{', '.join(a.label for a in r.attacks)} x {', '.join(str(t) for t in r.threats)}",
+                      markup=False, highlight=False)
+        if json_out:
+            _print_json({"suite": s.name, "runs": len(runs), "dry_run": True})
+        return
+    records = []
+    for r in runs:
+        record = execute_run(r, console=out, progress_console=err_console)
+        records.append(record)
+        if not json_out:
+            _report_run(record, out)
+    if json_out:
+        _print_json({"suite": s.name, "runs": [rec.summary() for rec in records]})
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     app(args=argv, prog_name="advbench")
 

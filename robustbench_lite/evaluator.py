@@ -1,0 +1,501 @@
+"""The evaluator: clean accuracy, per-attack robust accuracy and the worst case over attacks.
+
+    result = evaluate(model, x, y, ["fgsm", "bim", "pgd"], ThreatModel("linf", 8/255))
+    result.clean_acc, result.threats[0].robust_acc("pgd"), result.threats[0].worst_case_acc
+
+What is measured, per threat model (one, or an eps sweep):
+- clean accuracy (computed once; it does not depend on the threat model);
+- per attack, its OWN robust accuracy: the attack runs on every clean-correct sample, so each
+  number is the one a paper would report for that attack alone; plus its success rate (fooled /
+  attacked), the mean and max perturbation norm of its successful adversarial examples (in the
+  threat norm), seconds and images/s (attack time only, on the attacked samples);
+- the worst case over all attacks: a sample is robust only if it survives every attack. It is
+  derived from the per-attack masks (sample robust <=> clean-correct and fooled by no attack).
+  Cost choice: every attack runs on all clean-correct samples (not only on the survivors of the
+  previous ones). That costs more than a cascade but gives the per-attack numbers and the worst
+  case from the same runs, and the worst case is identical to the cascade's, because attacks are
+  deterministic per sample (randomness is keyed by sample id) and do not depend on each other.
+- per-sample outcomes: sample id, label, clean prediction, and per attack the adversarial
+  prediction, whether it fooled the model and the perturbation norm.
+
+Safety: every adversarial batch is checked with ThreatModel.violations; an attack that returns a
+sample outside the eps-ball or outside [0, 1] makes the evaluation fail with an AdvbenchError (no
+result is recorded). A model whose outputs are NaN or infinite is an AdvbenchError too.
+
+Attacks are called with ``sample_ids`` (dataset indices), so results do not depend on batching or
+on how the data is sharded: each DDP rank can evaluate its shard, and ``EvalResult.merge`` (per
+sample data, concatenated) or ``EvalResult.counts`` (plain sums) combine the shards.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .errors import AdvbenchError
+from .threat import ThreatModel, format_eps, parse_eps_list
+
+DEFAULT_ATTACKS = ("fgsm", "bim", "pgd")
+WORST_CASE = "worst-case"
+
+# engine parameters an attack spec may set (the engine validates the values)
+ATTACK_PARAMS = ("steps", "alpha", "random_start", "restarts", "loss", "targeted", "seed", "early_stop", "keep",
+                 "model_mode", "amp")
+
+ProgressFn = Callable[[ThreatModel, str, int, int], None]  # (threat, attack label, done, total)
+
+
+# --- attack specs ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttackSpec:
+    """An attack by registry name with parameter overrides; ``label`` names it in results."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+    factory: Optional[Callable[..., Any]] = None  # an Attack class (default: the registry's ``name``)
+
+    def build(self, threat: ThreatModel, seed: int = 0):
+        import attacks
+
+        params = dict(self.params)
+        params.setdefault("seed", seed)
+        if self.factory is not None:
+            return self.factory(threat=threat, **params)
+        return attacks.create(self.name, threat=threat, **params)
+
+
+def _auto_label(name: str, params: Mapping[str, Any]) -> str:
+    shown = {k: v for k, v in params.items() if k != "seed"}
+    if not shown:
+        return name
+    return f"{name}({','.join(f'{k}={v}' for k, v in sorted(shown.items()))})"
+
+
+def parse_attack_specs(items: Union[str, Iterable[Any], None]) -> List[AttackSpec]:
+    """Attack specs from ``"fgsm,bim,pgd"``, names, dicts ``{"name": "pgd", "steps": 20, "label": ...}``,
+    AttackSpec objects or Attack instances (their class and parameters are reused for every threat
+    model). Names are canonicalised (``ifgsm`` -> ``bim``); labels are the names, made unique with
+    the parameters when one attack appears twice."""
+    import attacks
+    from attacks.engine import Attack
+
+    if items is None:
+        items = DEFAULT_ATTACKS
+    if isinstance(items, str):
+        items = [s for s in (p.strip() for p in items.split(",")) if s] or [""]
+    raw: List[AttackSpec] = []
+    for it in items:
+        if isinstance(it, AttackSpec):
+            spec = it
+        elif isinstance(it, Attack):
+            params = {k: v for k, v in it.config().items() if k not in ("attack", "norm", "eps")}
+            if params.get("alpha") == it.default_alpha(it.threat.eps, it.steps):
+                params.pop("alpha")  # the default step size scales with eps: recompute it per threat
+            raw.append(AttackSpec(it.name, params, "", type(it)))
+            continue
+        elif isinstance(it, str):
+            if not it.strip():
+                raise AdvbenchError("empty attack name (expected e.g. --attack fgsm,bim,pgd)")
+            spec = AttackSpec(it.strip())
+        elif isinstance(it, Mapping):
+            d = dict(it)
+            if "name" not in d:
+                raise AdvbenchError(f"attack spec {d!r} has no 'name'")
+            name, label = d.pop("name"), d.pop("label", "") or ""
+            spec = AttackSpec(str(name), d, str(label))
+        else:
+            raise AdvbenchError(f"invalid attack spec {it!r}: expected a name or a mapping with 'name'")
+        canonical = spec.name if spec.factory is not None else attacks.ATTACKS.canonical(spec.name)
+        raw.append(AttackSpec(canonical, dict(spec.params), spec.label, spec.factory))
+    if not raw:
+        raise AdvbenchError("no attacks given")
+    unlabeled = [s.name for s in raw if not s.label]
+    explicit = {s.label for s in raw if s.label}
+    out: List[AttackSpec] = []
+    for s in raw:
+        plain = unlabeled.count(s.name) == 1 and s.name not in explicit
+        label = s.label or (s.name if plain else _auto_label(s.name, s.params))
+        out.append(AttackSpec(s.name, s.params, label, s.factory))
+    labels = [s.label for s in out]
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dup:
+        raise AdvbenchError(f"attack {dup[0]!r} is listed twice with the same parameters (give each a label)")
+    if WORST_CASE in labels:
+        raise AdvbenchError(f"{WORST_CASE!r} is reserved and cannot label an attack")
+    return out
+
+
+def resolve_threats(threats: Union[ThreatModel, Sequence[ThreatModel], None] = None, *,
+                    eps: Union[str, float, Sequence[Union[str, float]], None] = None,
+                    norm: str = "linf") -> List[ThreatModel]:
+    """One threat model, a list of them, or an eps sweep (``eps="2/255,4/255"`` or a list)."""
+    if threats is not None and eps is not None:
+        raise AdvbenchError("give either threat models or eps, not both")
+    if threats is None:
+        if eps is None:
+            raise AdvbenchError("no threat model: give eps (e.g. 8/255)")
+        if isinstance(eps, str):
+            values = parse_eps_list(eps, norm)
+        elif isinstance(eps, (int, float)):
+            values = [eps]
+        else:
+            values = list(eps)
+        out = [ThreatModel(norm, v) for v in values]
+    elif isinstance(threats, ThreatModel):
+        out = [threats]
+    else:
+        out = list(threats)
+    if not out:
+        raise AdvbenchError("no threat model given")
+    unique: List[ThreatModel] = []
+    for t in out:
+        if not isinstance(t, ThreatModel):
+            raise AdvbenchError(f"invalid threat model {t!r}")
+        if t not in unique:
+            unique.append(t)
+    return unique
+
+
+def build_attacks(specs: Sequence[AttackSpec], threats: Sequence[ThreatModel], seed: int = 0):
+    """Build every (threat, attack) once: bad parameters fail here, before any model work.
+    Returns {(threat, label): Attack}."""
+    return {(t, s.label): s.build(t, seed) for t in threats for s in specs}
+
+
+# --- results ---------------------------------------------------------------------------------
+@dataclass
+class AttackResult:
+    """One attack under one threat model. Per-sample tensors are aligned with EvalResult.sample_ids;
+    samples that were not attacked (clean-misclassified) have adv_pred -1, fooled False, dist nan."""
+
+    label: str
+    name: str
+    config: Dict[str, Any]
+    adv_pred: torch.Tensor
+    fooled: torch.Tensor
+    dist: torch.Tensor
+    seconds: float
+    stats: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_attacked(self) -> int:
+        return int((self.adv_pred >= 0).sum())
+
+    @property
+    def n_fooled(self) -> int:
+        return int(self.fooled.sum())
+
+    @property
+    def success_rate(self) -> float:
+        """Fooled / attacked (the attacked samples are the clean-correct ones)."""
+        return self.n_fooled / self.n_attacked if self.n_attacked else 0.0
+
+    @property
+    def mean_norm(self) -> Optional[float]:
+        """Mean perturbation norm of the successful adversarial examples (None if none)."""
+        return float(self.dist[self.fooled].mean()) if self.n_fooled else None
+
+    @property
+    def max_norm(self) -> Optional[float]:
+        return float(self.dist[self.fooled].max()) if self.n_fooled else None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_attacked / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ThreatResult:
+    threat: ThreatModel
+    attacks: Dict[str, AttackResult]
+    clean_correct: torch.Tensor
+
+    @property
+    def n_total(self) -> int:
+        return int(self.clean_correct.numel())
+
+    def robust_mask(self, label: Optional[str] = None) -> torch.Tensor:
+        """Samples that are clean-correct and survive attack ``label`` (default: every attack)."""
+        ok = self.clean_correct.clone()
+        for lab, res in self.attacks.items():
+            if label is None or lab == label:
+                ok &= ~res.fooled
+        return ok
+
+    def robust_acc(self, label: str) -> float:
+        if label not in self.attacks:
+            raise KeyError(label)
+        return int(self.robust_mask(label).sum()) / max(1, self.n_total)
+
+    @property
+    def worst_case_acc(self) -> float:
+        return int(self.robust_mask().sum()) / max(1, self.n_total)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.attacks.values())
+
+    def summary(self) -> Dict[str, Any]:
+        return {
+            "norm": self.threat.norm, "eps": self.threat.eps, "eps_label": format_eps(self.threat.eps),
+            "attacks": {lab: {
+                "attack": r.name, "robust_acc": self.robust_acc(lab), "success_rate": r.success_rate,
+                "n_attacked": r.n_attacked, "n_fooled": r.n_fooled, "mean_norm": r.mean_norm,
+                "max_norm": r.max_norm, "seconds": r.seconds, "images_per_s": r.images_per_s,
+                "config": r.config, "stats": r.stats,
+            } for lab, r in self.attacks.items()},
+            "worst_case": {"robust_acc": self.worst_case_acc, "n_robust": int(self.robust_mask().sum()),
+                           "seconds": self.seconds},
+        }
+
+
+@dataclass
+class EvalResult:
+    sample_ids: torch.Tensor
+    labels: torch.Tensor
+    clean_pred: torch.Tensor
+    threats: List[ThreatResult]
+    seed: int = 0
+    device: str = "cpu"
+
+    @property
+    def n_total(self) -> int:
+        return int(self.labels.numel())
+
+    @property
+    def clean_correct(self) -> torch.Tensor:
+        return self.clean_pred == self.labels
+
+    @property
+    def n_clean_correct(self) -> int:
+        return int(self.clean_correct.sum())
+
+    @property
+    def clean_acc(self) -> float:
+        return self.n_clean_correct / max(1, self.n_total)
+
+    @property
+    def attack_labels(self) -> List[str]:
+        return list(self.threats[0].attacks) if self.threats else []
+
+    def threat(self, threat: ThreatModel) -> ThreatResult:
+        for t in self.threats:
+            if t.threat == threat:
+                return t
+        raise KeyError(str(threat))
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-able summary (no per-sample data)."""
+        return {"n_examples": self.n_total, "n_clean_correct": self.n_clean_correct, "clean_acc": self.clean_acc,
+                "seed": self.seed, "device": self.device, "threats": [t.summary() for t in self.threats]}
+
+    def counts(self) -> Dict[str, float]:
+        """Flat sums over the samples (e.g. to all-reduce across DDP ranks): n, clean_correct and,
+        per threat and attack, robust / fooled counts and the norm sum of fooled samples."""
+        c: Dict[str, float] = {"n": self.n_total, "clean_correct": self.n_clean_correct}
+        for t in self.threats:
+            key = f"{t.threat.norm}:{t.threat.eps!r}"
+            for lab, r in t.attacks.items():
+                c[f"{key}:{lab}:robust"] = int(t.robust_mask(lab).sum())
+                c[f"{key}:{lab}:fooled"] = r.n_fooled
+                c[f"{key}:{lab}:norm_sum"] = float(r.dist[r.fooled].sum())
+            c[f"{key}:{WORST_CASE}:robust"] = int(t.robust_mask().sum())
+        return c
+
+    def outcome_rows(self) -> List[Dict[str, Any]]:
+        """Per-sample outcomes, one row per (sample, threat model)."""
+        rows: List[Dict[str, Any]] = []
+        ids, labels, clean = self.sample_ids.tolist(), self.labels.tolist(), self.clean_pred.tolist()
+        for t in self.threats:
+            cols = {lab: (r.adv_pred.tolist(), r.fooled.tolist(), r.dist.tolist()) for lab, r in t.attacks.items()}
+            robust = t.robust_mask().tolist()
+            for i in range(self.n_total):
+                row: Dict[str, Any] = {"sample_id": ids[i], "label": labels[i], "clean_pred": clean[i],
+                                       "norm": t.threat.norm, "eps": t.threat.eps}
+                attacked = clean[i] == labels[i]
+                for lab, (pred, fooled, dist) in cols.items():
+                    row[f"{lab}_pred"] = pred[i] if attacked else ""
+                    row[f"{lab}_fooled"] = int(fooled[i]) if attacked else ""
+                    row[f"{lab}_dist"] = f"{dist[i]:.6g}" if attacked else ""
+                row["worst_case_robust"] = int(robust[i])
+                rows.append(row)
+        return rows
+
+    @classmethod
+    def merge(cls, parts: Sequence["EvalResult"]) -> "EvalResult":
+        """Combine results of disjoint shards (e.g. DDP ranks): samples sorted by id; attack
+        seconds are the slowest shard's (shards run in parallel)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("nothing to merge")
+        if len(parts) == 1:
+            return parts[0]
+        ids = torch.cat([p.sample_ids for p in parts])
+        order = ids.argsort()
+        if len(torch.unique(ids)) != len(ids):
+            raise ValueError("shards overlap: a sample id appears twice")
+
+        def cat(ts):
+            return torch.cat(list(ts))[order]
+
+        threats = []
+        for k, t0 in enumerate(parts[0].threats):
+            attacks_out = {}
+            for lab, r0 in t0.attacks.items():
+                rs = [p.threats[k].attacks[lab] for p in parts]
+                stats: Dict[str, int] = {}
+                for r in rs:
+                    for s, v in r.stats.items():
+                        stats[s] = stats.get(s, 0) + v
+                attacks_out[lab] = AttackResult(lab, r0.name, r0.config, cat(r.adv_pred for r in rs),
+                                                cat(r.fooled for r in rs), cat(r.dist for r in rs),
+                                                max(r.seconds for r in rs), stats)
+            threats.append(ThreatResult(t0.threat, attacks_out, cat(p.threats[k].clean_correct for p in parts)))
+        return cls(ids[order], cat(p.labels for p in parts), cat(p.clean_pred for p in parts), threats,
+                   parts[0].seed, parts[0].device)
+
+
+# --- evaluation ------------------------------------------------------------------------------
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _check_finite(logits: torch.Tensor, what: str) -> None:
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bool(bad.any()):
+        kind = "NaN" if bool(torch.isnan(logits).any()) else "inf"
+        raise AdvbenchError(f"model outputs {kind} on {int(bad.sum())} of {len(bad)} {what}; "
+                            f"the checkpoint is broken or diverged, nothing was recorded")
+
+
+@torch.no_grad()
+def _predict(model, x: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+    preds = []
+    for i in range(0, x.shape[0], batch_size):
+        logits = model(x[i:i + batch_size]).float()
+        _check_finite(logits, what)
+        preds.append(logits.argmax(1))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_inputs(x: torch.Tensor, y: torch.Tensor, sample_ids: Optional[torch.Tensor]) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise AdvbenchError("images must be a float tensor in [0, 1]")
+    if x.dim() < 2:
+        raise AdvbenchError(f"images must be batched (N, C, H, W); got shape {tuple(x.shape)}")
+    if y.reshape(-1).numel() != x.shape[0]:
+        raise AdvbenchError(f"{y.numel()} labels for {x.shape[0]} images")
+    if sample_ids is not None and torch.as_tensor(sample_ids).reshape(-1).numel() != x.shape[0]:
+        raise AdvbenchError(f"{torch.as_tensor(sample_ids).numel()} sample ids for {x.shape[0]} images")
+    if x.numel() and (not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1):
+        raise AdvbenchError("images must be finite and in [0, 1] (normalisation belongs inside the model)")
+
+
+def evaluate(model, x: torch.Tensor, y: torch.Tensor,
+             attacks: Union[str, Iterable[Any], None] = DEFAULT_ATTACKS,
+             threats: Union[ThreatModel, Sequence[ThreatModel], None] = None, *,
+             eps: Union[str, float, Sequence[Union[str, float]], None] = None, norm: str = "linf",
+             batch_size: int = 256, device: Union[str, torch.device, None] = None, seed: int = 0,
+             sample_ids: Optional[torch.Tensor] = None,
+             on_progress: Optional[ProgressFn] = None) -> EvalResult:
+    """Evaluate ``model`` on (x, y) under every attack and threat model; see the module docstring.
+
+    ``attacks``: names / specs (see parse_attack_specs). ``threats``: a ThreatModel or a list, or
+    ``eps`` (+ ``norm``) for a sweep. ``sample_ids``: dataset indices of the samples (default
+    0..N-1); they key the attacks' randomness. ``device``: where to run (default: the model's).
+    ``on_progress(threat, label, done, total)`` is called after every attacked batch."""
+    from attacks import attack_mode
+
+    from .runtime import check_positive, resolve_device
+
+    check_positive("batch_size", batch_size)
+    specs = parse_attack_specs(attacks)
+    threat_list = resolve_threats(threats, eps=eps, norm=norm)
+    built = build_attacks(specs, threat_list, seed)
+    y = torch.as_tensor(y)
+    check_inputs(x, y, sample_ids)
+    if device is None:
+        dev = _model_device(model)
+    elif isinstance(device, torch.device):
+        dev = device
+    else:
+        dev = resolve_device(device)
+    model.to(dev)
+    x = x.detach().to(dev)
+    y = y.reshape(-1).long().to(dev)
+    ids = (torch.arange(x.shape[0]) if sample_ids is None
+           else torch.as_tensor(sample_ids).reshape(-1).long()).to(dev)
+    n = x.shape[0]
+
+    with attack_mode(model, "eval"):
+        clean_pred = _predict(model, x, batch_size, "clean inputs")
+    correct = clean_pred == y
+    todo = correct.nonzero().reshape(-1)
+    n_todo = int(todo.numel())
+
+    threat_results: List[ThreatResult] = []
+    for threat in threat_list:
+        per_attack: Dict[str, AttackResult] = {}
+        for spec in specs:
+            atk = built[(threat, spec.label)]
+            adv_pred = torch.full((n,), -1, dtype=torch.long, device=dev)
+            fooled = torch.zeros(n, dtype=torch.bool, device=dev)
+            dist = torch.full((n,), math.nan, dtype=torch.float32, device=dev)
+            seconds = 0.0
+            stats: Dict[str, int] = {}
+            if on_progress is not None:
+                on_progress(threat, spec.label, 0, n_todo)
+            for start in range(0, n_todo, batch_size):
+                sel = todo[start:start + batch_size]
+                xb, yb, ib = x[sel], y[sel], ids[sel]
+                _sync(dev)
+                t0 = time.perf_counter()
+                xa = atk(model, xb, yb, sample_ids=ib)
+                _sync(dev)
+                seconds += time.perf_counter() - t0
+                for k, v in (getattr(atk, "last_stats", None) or {}).items():
+                    stats[k] = stats.get(k, 0) + int(v)
+                if xa.shape != xb.shape:
+                    raise AdvbenchError(f"attack {spec.label!r} returned shape {tuple(xa.shape)} for inputs "
+                                        f"{tuple(xb.shape)}; refusing to record the result")
+                _verify(threat, spec.label, xa, xb)
+                with attack_mode(model, "eval"):
+                    pb = _predict(model, xa, batch_size, f"adversarial examples of {spec.label!r}")
+                adv_pred[sel] = pb
+                fooled[sel] = pb != yb
+                dist[sel] = threat.distance(xa, xb)
+                if on_progress is not None:
+                    on_progress(threat, spec.label, min(start + batch_size, n_todo), n_todo)
+            per_attack[spec.label] = AttackResult(spec.label, spec.name, atk.config(), adv_pred.cpu(),
+                                                  fooled.cpu(), dist.cpu(), seconds, stats)
+        threat_results.append(ThreatResult(threat, per_attack, correct.cpu()))
+    return EvalResult(ids.cpu(), y.cpu(), clean_pred.cpu(), threat_results, seed, str(dev))
+
+
+def _verify(threat: ThreatModel, label: str, x_adv: torch.Tensor, x: torch.Tensor) -> None:
+    bad = threat.violations(x_adv, x)
+    if not bool(bad.any()):
+        return
+    d = threat.distance(x_adv[bad], x[bad])
+    worst = float(d.max()) if bool(torch.isfinite(d).all()) else float("nan")
+    flat = x_adv[bad].detach().flatten(1)
+    box = bool(((flat < 0) | (flat > 1) | ~torch.isfinite(flat)).any())
+    parts = [f"worst {threat.norm} norm {worst:.6g} > eps {threat.eps:.6g}" if worst > threat.eps
+             else f"worst {threat.norm} norm {worst:.6g}"]
+    if box:
+        parts.append("pixels outside [0, 1] or not finite")
+    raise AdvbenchError(f"attack {label!r} violated the threat model {threat} on {int(bad.sum())} samples "
+                        f"({'; '.join(parts)}); refusing to record the result")

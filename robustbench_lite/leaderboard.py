@@ -1,0 +1,337 @@
+"""The leaderboard and the per-run record.
+
+``<results>/leaderboard.csv`` is the source of truth: one row per run x threat model x attack,
+plus one ``worst-case`` row per run x threat model. ``<results>/leaderboard.md`` is rendered from
+it (pandas): one section per dataset x threat model, one row per model (+ checkpoint, defense,
+activation; its latest run), columns clean / each attack / worst case, sorted by worst case.
+
+Every run also gets ``<results>/runs/<run_id>/`` with ``config.yaml`` (the resolved
+configuration), ``summary.json`` and ``outcomes.csv`` (per-sample outcomes).
+
+Safety: appends hold an exclusive lock on ``leaderboard.csv.lock`` while they read the CSV,
+append, write a temp file and rename it over the CSV, then re-render the markdown; concurrent
+runs lose no row and a crash never leaves a partial row. A corrupt CSV is never overwritten
+(the append fails with an AdvbenchError naming it).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+from .errors import AdvbenchError
+from .fileio import atomic_write_text, ensure_dir, locked
+from .threat import format_eps
+
+CSV_NAME = "leaderboard.csv"
+MD_NAME = "leaderboard.md"
+WORST_CASE = "worst-case"
+
+COLUMNS = [
+    "run_id", "timestamp", "model", "checkpoint", "checkpoint_sha256", "dataset", "n_examples", "norm", "eps",
+    "attack", "attack_params", "clean_acc", "robust_acc", "success_rate", "mean_norm", "max_norm", "seconds",
+    "images_per_s", "device", "seed", "defense", "defense_params", "activation", "version", "flags",
+]
+REQUIRED = ("run_id", "model", "dataset", "norm", "eps", "attack", "clean_acc", "robust_acc")
+NUMERIC = ("eps", "clean_acc", "robust_acc")
+
+
+# --- run ids and run folders -------------------------------------------------------------------
+def new_run_id() -> str:
+    """``YYYYmmdd-HHMMSS-<8 hex>``: sortable by time, unique across concurrent processes."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(4)
+
+
+def create_run_dir(results_dir) -> tuple:
+    """Create ``<results>/runs/<run_id>/`` exclusively; returns (run_id, path)."""
+    runs = ensure_dir(Path(results_dir) / "runs")
+    for _ in range(100):
+        run_id = new_run_id()
+        path = runs / run_id
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise AdvbenchError(f"cannot create run folder {path}: {exc.strerror or exc}") from None
+        return run_id, path
+    raise AdvbenchError(f"cannot create a fresh run folder under {runs}")  # pragma: no cover
+
+
+def write_run_files(run_dir, config: Mapping[str, Any], summary: Mapping[str, Any],
+                    outcomes: Sequence[Mapping[str, Any]]) -> None:
+    import yaml
+
+    run_dir = Path(run_dir)
+    try:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(jsonable(config), sort_keys=False))
+        atomic_write_text(run_dir / "summary.json", json.dumps(jsonable(summary), indent=2) + "\n")
+        atomic_write_text(run_dir / "outcomes.csv", _csv_text(outcomes))
+    except OSError as exc:
+        raise AdvbenchError(f"cannot write run files in {run_dir}: {exc.strerror or exc}") from None
+
+
+def jsonable(obj: Any) -> Any:
+    """JSON/YAML-safe copy: tuples -> lists, non-finite floats -> None, tensors -> numbers."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and callable(obj.item):
+        return jsonable(obj.item())
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+# --- rows ------------------------------------------------------------------------------------
+def _num(v: Optional[float], digits: int = 6) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return repr(round(float(v), digits))
+
+
+def result_rows(result, info: Mapping[str, Any]) -> List[Dict[str, str]]:
+    """Leaderboard rows for an evaluator.EvalResult. ``info`` supplies run_id, timestamp, model,
+    checkpoint, checkpoint_sha256, dataset, device, seed, defense, defense_params, activation,
+    version, flags."""
+    base = {k: ("" if info.get(k) is None else str(info.get(k))) for k in COLUMNS if k in info}
+    base["n_examples"] = str(result.n_total)
+    rows: List[Dict[str, str]] = []
+    for t in result.threats:
+        common = dict(base, norm=t.threat.norm, eps=repr(float(t.threat.eps)), clean_acc=_num(result.clean_acc))
+        for label, r in t.attacks.items():
+            params = {k: v for k, v in r.config.items() if k not in ("attack", "norm", "eps")}
+            if label != r.name:
+                params = {"name": r.name, **params}
+            rows.append(dict(common, attack=label, attack_params=json.dumps(params, sort_keys=True),
+                             robust_acc=_num(t.robust_acc(label)), success_rate=_num(r.success_rate),
+                             mean_norm=_num(r.mean_norm), max_norm=_num(r.max_norm), seconds=_num(r.seconds, 3),
+                             images_per_s=_num(r.images_per_s, 1)))
+        n_att = max(1, result.n_clean_correct)
+        worst = int(t.robust_mask().sum())
+        rows.append(dict(common, attack=WORST_CASE, attack_params=json.dumps(list(t.attacks)),
+                         robust_acc=_num(t.worst_case_acc), success_rate=_num(1 - worst / n_att),
+                         mean_norm="", max_norm="", seconds=_num(t.seconds, 3), images_per_s=""))
+    return [{k: row.get(k, "") for k in COLUMNS} for row in rows]
+
+
+# --- reading, appending ------------------------------------------------------------------------
+def csv_path(results_dir) -> Path:
+    return Path(results_dir) / CSV_NAME
+
+
+def md_path(results_dir) -> Path:
+    return Path(results_dir) / MD_NAME
+
+
+def read(results_dir):
+    """The leaderboard as a DataFrame of strings (empty if there is none yet); a corrupt CSV is an
+    AdvbenchError naming the file."""
+    import pandas as pd
+
+    path = csv_path(results_dir)
+    if not path.is_file():
+        return pd.DataFrame(columns=COLUMNS, dtype=str)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame(columns=COLUMNS, dtype=str)
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AdvbenchError(f"{path} is corrupt ({first}); fix or move it away") from None
+    except OSError as exc:
+        raise AdvbenchError(f"cannot read {path}: {exc.strerror or exc}") from None
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise AdvbenchError(f"{path} is corrupt: missing columns {', '.join(missing)}")
+    for col in NUMERIC:
+        vals = pd.to_numeric(df[col], errors="coerce")
+        bad = vals.isna()
+        if bool(bad.any()):
+            i = int(bad.to_numpy().nonzero()[0][0])
+            raise AdvbenchError(f"{path} is corrupt: row {i + 2} has {col}={df[col].iloc[i]!r} (not a number)")
+    return df
+
+
+def append(results_dir, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Append rows to leaderboard.csv atomically under the lock, then re-render leaderboard.md."""
+    import pandas as pd
+
+    rows = [dict(r) for r in rows]
+    results_dir = ensure_dir(results_dir)
+    path = csv_path(results_dir)
+    try:
+        with locked(path):
+            df = read(results_dir)
+            new = pd.DataFrame(rows, dtype=str)
+            cols = list(df.columns) + [c for c in COLUMNS if c not in df.columns]
+            cols += [c for c in new.columns if c not in cols]
+            out = pd.concat([df.reindex(columns=cols), new.reindex(columns=cols)], ignore_index=True).fillna("")
+            csv_text = out.to_csv(index=False, lineterminator="\n")
+            md_text = render_markdown(out)  # both texts first: a failure here changes no file
+            atomic_write_text(path, csv_text)
+            atomic_write_text(md_path(results_dir), md_text)
+    except OSError as exc:
+        raise AdvbenchError(f"cannot write the leaderboard in {results_dir}: {exc.strerror or exc}") from None
+    return path
+
+
+# --- filtering and rendering ---------------------------------------------------------------------
+def filter_rows(df, dataset: Optional[str] = None, norm: Optional[str] = None, eps: Optional[float] = None):
+    import pandas as pd
+
+    from .threat import check_norm
+
+    out = df
+    if dataset:
+        out = out[out["dataset"].str.lower() == dataset.strip().lower()]
+    if norm:
+        out = out[out["norm"] == check_norm(norm)]
+    if eps is not None:
+        e = pd.to_numeric(out["eps"], errors="coerce")
+        out = out[(e - float(eps)).abs() <= 1e-9 * max(1.0, abs(float(eps)))]
+    return out
+
+
+def _attack_order(labels: Iterable[str]) -> List[str]:
+    labels = list(dict.fromkeys(labels))
+    known = [a for a in ("fgsm", "bim", "pgd") if a in labels]
+    return known + [a for a in labels if a not in known and a != WORST_CASE]
+
+
+def _pct(v) -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "–"
+    return "–" if math.isnan(f) else f"{100 * f:.2f}"
+
+
+def table(df):
+    """The leaderboard as a list of sections: (title, DataFrame) with one row per model entry
+    (its latest run), columns clean / attacks / worst case (fractions), sorted by worst case."""
+    import pandas as pd
+
+    if df.empty:
+        return []
+    d = df.copy()
+    for c in ("defense", "activation", "checkpoint_sha256", "timestamp", "n_examples"):
+        if c not in d.columns:
+            d[c] = ""
+    d["_eps"] = pd.to_numeric(d["eps"])
+    d["_robust"] = pd.to_numeric(d["robust_acc"])
+    d["_clean"] = pd.to_numeric(d["clean_acc"])
+    entry = ["model", "checkpoint_sha256", "defense", "activation"]
+    sections = []
+    for (dataset, norm, eps), g in d.groupby(["dataset", "norm", "_eps"], sort=True):
+        # per entry: its run with the most examples, the latest among equals (a quick smoke run
+        # does not replace a full evaluation)
+        g = g.assign(_n=pd.to_numeric(g["n_examples"], errors="coerce").fillna(0))
+        runs = g.sort_values(["_n", "timestamp", "run_id"]).groupby(entry, sort=False)["run_id"].last()
+        latest = g[g["run_id"].isin(set(runs.values))]
+        attacks = _attack_order(latest["attack"])
+        recs = []
+        for run_id, r in latest.groupby("run_id", sort=False):
+            first = r.iloc[0]
+            rec = {"model": first["model"], "defense": first["defense"] or "–",
+                   "activation": first["activation"] or "–", "checkpoint": first["checkpoint_sha256"] or "–",
+                   "n": first["n_examples"], "clean": float(first["_clean"])}
+            acc = dict(zip(r["attack"], r["_robust"]))
+            for a in attacks:
+                rec[a] = acc.get(a, math.nan)
+            rec["worst case"] = acc.get(WORST_CASE, min((acc[a] for a in acc), default=math.nan))
+            rec["run"] = run_id
+            recs.append(rec)
+        t = pd.DataFrame(recs).sort_values(["worst case", "clean"], ascending=[False, False], na_position="last",
+                                           kind="stable").reset_index(drop=True)
+        sections.append((f"{dataset} · {norm} eps={format_eps(float(eps))}", t))
+    return sections
+
+
+def render_markdown(df) -> str:
+    lines = ["# advbench leaderboard", "",
+             "Robust accuracy (%) under each attack; *worst case* counts a sample as robust only if it "
+             "survives every attack. One row per model (checkpoint, defense, activation): its run with the "
+             "most examples, the latest among equals. "
+             f"Rendered from `{CSV_NAME}` (the source of truth); do not edit by hand.", ""]
+    sections = table(df)
+    if not sections:
+        lines.append("No results yet.")
+        return "\n".join(lines) + "\n"
+    for title, t in sections:
+        lines += [f"## {title}", ""]
+        acc_cols = [c for c in t.columns if c not in ("model", "defense", "activation", "checkpoint", "n", "run")]
+        header = ["#", "model", "defense", "activation", "checkpoint", "n"] + acc_cols + ["run"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join("---:" if h in acc_cols or h in ("#", "n") else "---" for h in header) + "|")
+        for i, row in t.iterrows():
+            cells = [str(i + 1), str(row["model"]), str(row["defense"]), str(row["activation"]),
+                     f"`{row['checkpoint']}`" if row["checkpoint"] != "–" else "–", str(row["n"])]
+            cells += [_pct(row[c]) for c in acc_cols]
+            cells.append(f"`{row['run']}`")
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+_INTS = ("n_examples", "seed")
+_FLOATS = ("eps", "clean_acc", "robust_acc", "success_rate", "mean_norm", "max_norm", "seconds", "images_per_s")
+
+
+def _typed(key: str, v: str) -> Any:
+    if key in _INTS or key in _FLOATS:
+        try:
+            return int(v) if key in _INTS else float(v)
+        except ValueError:
+            return None
+    if key in ("attack_params", "defense_params") and v:
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v
+
+
+def render_json(df) -> str:
+    """Records with numbers as numbers and attack parameters as objects."""
+    return json.dumps([{k: _typed(k, v) for k, v in rec.items()} for rec in df.to_dict(orient="records")],
+                      indent=2)
+
+
+def render_csv(df) -> str:
+    return df.to_csv(index=False, lineterminator="\n")
+
+
+def version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def environment_flags() -> List[str]:
+    """Flags that describe how numbers were produced (recorded in the ``flags`` column)."""
+    flags = []
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        flags.append(f"world_size={os.environ['WORLD_SIZE']}")
+    return flags

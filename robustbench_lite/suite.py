@@ -1,0 +1,529 @@
+"""Benchmark runs and suites.
+
+A *run* evaluates one model (a checkpoint, or the zoo baseline) on a dataset under threat models
+x attacks and records it: ``<results>/runs/<run_id>/`` and rows in the leaderboard. `advbench
+attack` is one run; `advbench run SUITE.yaml` is a run per model of the suite:
+
+    name: mnist-quick                 # optional
+    dataset: mnist-5k                 # default dataset of the models
+    n_examples: 200                   # null = the whole test split
+    batch_size: 200
+    seed: 0
+    device: auto                      # auto | cpu | cuda
+    models:
+      - name: smallcnn                # zoo baseline (trained and cached when missing)
+      - name: smallcnn
+        checkpoint: results/models/smallcnn-mnist-5k-pgd-at.pt
+        dataset: mnist-5k             # optional, per model
+    threats:
+      - {norm: linf, eps: 0.1}
+      - {norm: linf, eps: [0.2, 0.3]} # a list is an eps sweep
+    attacks:
+      - fgsm
+      - {name: pgd, steps: 40, restarts: 2, loss: margin, label: pgd-40-margin}
+
+Suites are read with yaml.safe_load (tags such as !!python/... are refused) and validated with
+errors that name the file, the line and the bad key. Paths are relative to the current directory.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import numbers
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .errors import AdvbenchError
+from .evaluator import ATTACK_PARAMS, AttackSpec, EvalResult, build_attacks, evaluate, parse_attack_specs
+from .threat import ThreatModel, check_norm, format_eps, parse_eps
+
+DEFAULT_DATASET = "mnist-5k"
+
+
+# --- one run -----------------------------------------------------------------------------------
+@dataclass
+class RunSpec:
+    model: Optional[str] = None
+    checkpoint: Optional[str] = None
+    dataset: Optional[str] = None           # None: the checkpoint's dataset, else mnist-5k
+    threats: List[ThreatModel] = field(default_factory=list)
+    attacks: List[AttackSpec] = field(default_factory=list)
+    n_examples: Optional[int] = 1000        # None: the whole test split
+    batch_size: int = 256
+    device: str = "auto"
+    seed: int = 0
+    results_dir: str = "results"
+    data_dir: Optional[str] = None
+    download: bool = False
+    source: str = "advbench attack"         # what started the run (recorded in config.yaml)
+    flags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    run_dir: Path
+    result: EvalResult
+    info: Dict[str, Any]
+
+    def summary(self) -> Dict[str, Any]:
+        keep = ("model", "checkpoint", "checkpoint_sha256", "dataset", "defense", "activation", "version")
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir), **{k: self.info.get(k) for k in keep},
+                **self.result.summary()}
+
+
+def cli_attack_specs(names: str, steps: Optional[int] = None, alpha: Optional[str] = None,
+                     restarts: Optional[int] = None, loss: Optional[str] = None) -> List[AttackSpec]:
+    """Attack specs for `advbench attack`: --steps and --alpha go to the iterative attacks (not to
+    single-step ones such as fgsm), --restarts to the random-start ones (pgd), --loss to all."""
+    import attacks
+    from attacks.engine import BASE_DEFAULTS
+
+    specs = parse_attack_specs(names)
+    alpha_v = parse_eps(alpha) if alpha is not None else None
+    out, used = [], {"--steps": False, "--alpha": False, "--restarts": False}
+    for s in specs:
+        d = {**BASE_DEFAULTS, **getattr(attacks.ATTACKS.get(s.name), "defaults", {})}
+        params = dict(s.params)
+        iterative = d.get("steps", 1) != 1
+        if steps is not None and iterative:
+            params["steps"], used["--steps"] = steps, True
+        if alpha_v is not None and iterative:
+            params["alpha"], used["--alpha"] = alpha_v, True
+        if restarts is not None and iterative and d.get("random_start"):
+            params["restarts"], used["--restarts"] = restarts, True
+        if loss is not None:
+            params["loss"] = loss
+        out.append(AttackSpec(s.name, params, s.label, s.factory))
+    for opt, given in (("--steps", steps), ("--alpha", alpha), ("--restarts", restarts)):
+        if given is not None and not used[opt]:
+            kind = "random-start (pgd)" if opt == "--restarts" else "iterative (bim, pgd)"
+            raise AdvbenchError(f"{opt} applies to {kind} attacks only, and none of "
+                                f"{', '.join(s.label for s in specs)} is one")
+    return out
+
+
+def validate_run(spec: RunSpec) -> None:
+    """Cheap checks before any data loading or training (names, attacks x threats, device)."""
+    from .models import MODELS
+    from .runtime import check_positive, resolve_device
+
+    if not spec.model and not spec.checkpoint:
+        raise AdvbenchError("give --model (the zoo baseline is used) or --checkpoint")
+    if spec.model:
+        MODELS.canonical(spec.model)
+    if spec.dataset:
+        from .data import DATASETS
+
+        DATASETS.canonical(spec.dataset)
+    if spec.checkpoint and not Path(spec.checkpoint).is_file():
+        raise AdvbenchError(f"checkpoint not found: {spec.checkpoint}")
+    if not spec.threats:
+        raise AdvbenchError("no threat model given")
+    if not spec.attacks:
+        raise AdvbenchError("no attacks given")
+    check_positive("--batch-size", spec.batch_size)
+    if spec.n_examples is not None:
+        check_positive("--n-examples", spec.n_examples)
+    build_attacks(spec.attacks, spec.threats, spec.seed)
+    resolve_device(spec.device)
+
+
+def _defense(ckpt: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    d = ckpt.get("defense")
+    if isinstance(d, dict):
+        d = dict(d)
+        return str(d.pop("method", "") or ""), d
+    return (str(d) if d else ""), {}
+
+
+def load_model(spec: RunSpec, console=None, quiet: bool = False):
+    """(model, dataset, info) for a run: the checkpoint, or the zoo baseline (trained when missing)."""
+    from .checkpoint import file_sha256, model_from_checkpoint, read_checkpoint
+    from .data import load_dataset
+    from .runtime import resolve_device
+    from .zoo import get_or_train
+
+    flags = []
+    if spec.checkpoint:
+        path = Path(spec.checkpoint)
+        ckpt = read_checkpoint(path)
+        dataset = spec.dataset or ckpt.get("dataset") or DEFAULT_DATASET
+        ds = load_dataset(dataset, data_dir=spec.data_dir, download=spec.download)
+        model, ckpt = model_from_checkpoint(path, spec.model, ds)
+    else:
+        dataset = spec.dataset or DEFAULT_DATASET
+        ds = load_dataset(dataset, data_dir=spec.data_dir, download=spec.download)
+        dev = resolve_device(spec.device)
+        model, path, _ = get_or_train(spec.model, dataset, results_dir=spec.results_dir, seed=spec.seed,
+                                      device=str(dev), console=console, quiet=quiet, data_dir=spec.data_dir,
+                                      download=spec.download)
+        ckpt = read_checkpoint(path)
+        flags.append("zoo")
+    model.eval()
+    defense, defense_params = _defense(ckpt)
+    name = ckpt.get("model") or spec.model or model.spec.get("name")
+    info = {"model": name, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path),
+            "dataset": ds.name,
+            "defense": defense or ("standard" if ckpt.get("format") else ""),
+            "defense_params": json.dumps(defense_params, sort_keys=True) if defense_params else "",
+            "activation": ckpt.get("activation") or (model.spec.get("activation") if hasattr(model, "spec") else ""),
+            "checkpoint_metrics": ckpt.get("metrics") or {}, "flags": flags}
+    return model, ds, info
+
+
+def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool = False) -> RunRecord:
+    """Load the model and data, evaluate, write the run folder and append to the leaderboard."""
+    from rich.markup import escape
+
+    from . import leaderboard
+    from .fileio import ensure_dir
+    from .runtime import resolve_device
+
+    validate_run(spec)
+    ensure_dir(spec.results_dir)  # an unwritable results dir fails before any work
+    model, ds, info = load_model(spec, console=console, quiet=quiet)
+    x, y, ids = ds.subset("test", spec.n_examples, spec.seed)
+    device = resolve_device(spec.device)
+    if console is not None and not quiet:
+        console.print(f"attacking {info['model']} ({info['checkpoint']}) on {len(y)} {info['dataset']} test "
+                      f"images: {', '.join(a.label for a in spec.attacks)} x "
+                      f"{', '.join(str(t) for t in spec.threats)} on {device}", markup=False, highlight=False)
+    progress = _progress(progress_console, quiet)
+    tasks: Dict[Any, Any] = {}
+
+    def on_progress(threat, label, done, total):
+        key = (threat, label)
+        if key not in tasks:
+            tasks[key] = progress.add_task(escape(f"{label} {threat}"), total=max(total, 1))
+        progress.update(tasks[key], completed=done if total else 1)
+
+    started = time.time()
+    with progress:
+        result = evaluate(model, x, y, spec.attacks, spec.threats, batch_size=spec.batch_size, device=device,
+                          seed=spec.seed, sample_ids=ids, on_progress=on_progress)
+    amps = sorted({str(a.params.get("amp")) for a in spec.attacks if a.params.get("amp")})
+    flags = info.pop("flags") + list(spec.flags) + [f"amp={a}" for a in amps] + leaderboard.environment_flags()
+    run_id, run_dir = leaderboard.create_run_dir(spec.results_dir)
+    info.update(run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                device=str(device), seed=spec.seed, version=leaderboard.version(), flags=";".join(flags))
+    config = {
+        "run_id": run_id, "source": spec.source, "timestamp": info["timestamp"], "version": info["version"],
+        "model": info["model"], "checkpoint": info["checkpoint"], "checkpoint_sha256": info["checkpoint_sha256"],
+        "dataset": info["dataset"], "split": "test", "n_examples": len(y), "seed": spec.seed,
+        "batch_size": spec.batch_size, "device": str(device), "defense": info["defense"],
+        "activation": info["activation"], "flags": flags,
+        "threats": [{"norm": t.norm, "eps": t.eps, "eps_label": format_eps(t.eps)} for t in spec.threats],
+        "attacks": [{"label": a.label, "name": a.name, "params": dict(a.params),
+                     "resolved": result.threats[0].attacks[a.label].config} for a in spec.attacks],
+    }
+    record = RunRecord(run_id, run_dir, result, info)
+    summary = record.summary()
+    summary["checkpoint_metrics"] = info.get("checkpoint_metrics", {})
+    leaderboard.write_run_files(run_dir, config, summary, result.outcome_rows())
+    leaderboard.append(spec.results_dir, leaderboard.result_rows(result, info))
+    return record
+
+
+def _progress(console, quiet: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    # off when stderr is not a terminal: a finished live display would still leave an empty line
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=quiet or not console.is_terminal)
+
+
+# --- terminal tables -----------------------------------------------------------------------------
+def _pct(v: Optional[float]) -> str:
+    return "–" if v is None else f"{100 * v:.2f}%"
+
+
+def result_tables(record: RunRecord) -> List[Any]:
+    """Rich tables for a run: per threat model, clean / each attack / worst case with success
+    rate, perturbation norm, seconds and img/s; plus an attack x eps table for a sweep."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    res, info = record.result, record.info
+    out = []
+    for t in res.threats:
+        tab = Table(title=escape(f"{info['model']} on {info['dataset']} · {t.threat} · n={res.n_total} · "
+                                 f"run {record.run_id}"),
+                    title_justify="left")
+        for col, just in (("", "left"), ("accuracy", "right"), ("success rate", "right"),
+                          ("mean ‖δ‖", "right"), ("seconds", "right"), ("img/s", "right")):
+            tab.add_column(col, justify=just)
+        tab.add_row("clean", _pct(res.clean_acc), "", "", "", "")
+        for lab, r in t.attacks.items():
+            tab.add_row(escape(lab), _pct(t.robust_acc(lab)), _pct(r.success_rate),
+                        "–" if r.mean_norm is None else f"{r.mean_norm:.4g}", f"{r.seconds:.2f}",
+                        f"{r.images_per_s:.0f}")
+        n_att = max(1, res.n_clean_correct)
+        tab.add_row("worst case", _pct(t.worst_case_acc), _pct(1 - int(t.robust_mask().sum()) / n_att), "",
+                    f"{t.seconds:.2f}", "", style="bold")
+        out.append(tab)
+    if len(res.threats) > 1:
+        tab = Table(title=escape(f"robust accuracy: attack x eps ({info['model']} on {info['dataset']}, "
+                                 f"n={res.n_total})"),
+                    title_justify="left")
+        tab.add_column("attack")
+        for t in res.threats:
+            tab.add_column(f"{t.threat.norm} {format_eps(t.threat.eps)}", justify="right")
+        tab.add_row("clean", *[_pct(res.clean_acc)] * len(res.threats))
+        for lab in res.attack_labels:
+            tab.add_row(escape(lab), *[_pct(t.robust_acc(lab)) for t in res.threats])
+        tab.add_row("worst case", *[_pct(t.worst_case_acc) for t in res.threats], style="bold")
+        out.append(tab)
+    return out
+
+
+# --- suites --------------------------------------------------------------------------------------
+TOP_KEYS = ("name", "description", "dataset", "data_dir", "download", "n_examples", "batch_size", "seed", "device",
+            "results_dir", "models", "threats", "attacks")
+MODEL_KEYS = ("name", "checkpoint", "dataset")
+THREAT_KEYS = ("norm", "eps")
+ATTACK_KEYS = ("name", "label") + ATTACK_PARAMS
+_SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+class _Loc:
+    """Line numbers of a composed YAML node and its children."""
+
+    def __init__(self, node):
+        self.node = node
+        self.line = node.start_mark.line + 1
+
+    def key_line(self, key: str) -> int:
+        for k, _ in getattr(self.node, "value", []):
+            if getattr(k, "value", None) == key:
+                return k.start_mark.line + 1
+        return self.line
+
+    def child(self, key) -> "_Loc":
+        import yaml
+
+        if isinstance(self.node, yaml.MappingNode):
+            for k, v in self.node.value:
+                if k.value == key:
+                    return _Loc(v)
+        elif isinstance(self.node, yaml.SequenceNode) and isinstance(key, int) and key < len(self.node.value):
+            return _Loc(self.node.value[key])
+        return self
+
+
+@dataclass
+class Suite:
+    path: Path
+    name: str
+    models: List[Dict[str, Any]]
+    threats: List[ThreatModel]
+    attacks: List[AttackSpec]
+    settings: Dict[str, Any]
+
+    def runs(self, results_dir: Optional[str] = None, device: Optional[str] = None) -> List[RunSpec]:
+        s = self.settings
+        return [RunSpec(model=m.get("name"), checkpoint=m.get("checkpoint"),
+                        dataset=m.get("dataset") or s.get("dataset"), threats=list(self.threats),
+                        attacks=list(self.attacks), n_examples=s.get("n_examples", 1000),
+                        batch_size=s.get("batch_size", 256), device=device or s.get("device", "auto"),
+                        seed=s.get("seed", 0), results_dir=results_dir or s.get("results_dir", "results"),
+                        data_dir=s.get("data_dir"), download=bool(s.get("download", False)),
+                        source=f"advbench run {self.path}", flags=[f"suite={self.name}"])
+                for m in self.models]
+
+
+def _check_tags(node, where: str) -> None:
+    import yaml
+
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.tag not in _SAFE_TAGS:
+            tag = n.tag.replace("tag:yaml.org,2002:", "!!")
+            raise AdvbenchError(f"{where}: line {n.start_mark.line + 1}: tag {tag!r} is not allowed: a suite is plain "
+                                f"data (read with yaml.safe_load; python tags are refused)")
+        if isinstance(n, yaml.MappingNode):
+            seen = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode):
+                    if k.value in seen:
+                        raise AdvbenchError(f"{where}: line {k.start_mark.line + 1}: key {k.value!r} appears twice "
+                                            f"(first on line {seen[k.value]})")
+                    seen[k.value] = k.start_mark.line + 1
+                stack += [k, v]
+        elif isinstance(n, yaml.SequenceNode):
+            stack += list(n.value)
+
+
+def _unknown(where: str, line: int, key: Any, section: str, allowed: Sequence[str]) -> AdvbenchError:
+    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return AdvbenchError(f"{where}: line {line}: unknown key {key!r} in {section}{hint} "
+                         f"(expected one of: {', '.join(allowed)})")
+
+
+def load_suite(path) -> Suite:
+    """Read and validate a suite file; every error names the file and the line."""
+    import yaml
+
+    from .data import DATASETS
+
+    p = Path(path)
+    where = str(p)
+    if not p.is_file():
+        raise AdvbenchError(f"suite file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdvbenchError(f"cannot read suite {p}: {exc}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_tags(node, where)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        what = " ".join(str(exc.problem or exc).split())
+        raise AdvbenchError(f"{where}: {line}invalid YAML: {what}") from None
+    except yaml.YAMLError as exc:
+        raise AdvbenchError(f"{where}: invalid YAML: {' '.join(str(exc).split())}") from None
+    if node is None or data is None:
+        raise AdvbenchError(f"{where}: the suite is empty")
+    loc = _Loc(node)
+    if not isinstance(data, dict):
+        raise AdvbenchError(f"{where}: line {loc.line}: a suite is a mapping with models, threats and attacks")
+    for k in data:
+        if k not in TOP_KEYS:
+            raise _unknown(where, loc.key_line(k), k, "the suite", TOP_KEYS)
+
+    def err(line: int, msg: str) -> AdvbenchError:
+        return AdvbenchError(f"{where}: line {line}: {msg}")
+
+    def typed(d: dict, dl: _Loc, key: str, kinds, what: str, section: str):
+        if key not in d or d[key] is None:
+            return None
+        v = d[key]
+        ok = isinstance(v, bool) if kinds is bool else (isinstance(v, kinds) and not isinstance(v, bool))
+        if not ok:
+            raise err(dl.child(key).line, f"{section}{key} must be {what} (got {v!r})")
+        return v
+
+    settings: Dict[str, Any] = {}
+    for key, kinds, what in (("name", str, "a string"), ("description", str, "a string"),
+                             ("dataset", str, "a dataset name"), ("data_dir", str, "a path"),
+                             ("download", bool, "true or false"), ("n_examples", numbers.Integral, "an integer"),
+                             ("batch_size", numbers.Integral, "an integer"), ("seed", numbers.Integral, "an integer"),
+                             ("device", str, "auto, cpu or cuda"), ("results_dir", str, "a path")):
+        v = typed(data, loc, key, kinds, what, "")
+        if v is not None:
+            settings[key] = v
+    for key in ("n_examples", "batch_size"):
+        if key in settings and settings[key] < 1:
+            raise err(loc.child(key).line, f"{key} must be >= 1 (got {settings[key]})")
+    if "n_examples" in data and data["n_examples"] is None:
+        settings["n_examples"] = None
+    if "dataset" in settings:
+        _wrap(lambda: DATASETS.canonical(settings["dataset"]), where, loc.child("dataset").line)
+    if "device" in settings:
+        d = str(settings["device"]).strip().lower()
+        if not (d in ("auto", "cpu") or d.startswith("cuda")):
+            raise err(loc.child("device").line, f"device must be auto, cpu or cuda (got {settings['device']!r})")
+
+    def seq(key: str) -> Tuple[list, _Loc]:
+        if key not in data or data[key] is None:
+            raise err(loc.line, f"missing {key!r} (a list)")
+        v = data[key]
+        if not isinstance(v, list) or not v:
+            raise err(loc.child(key).line, f"{key!r} must be a non-empty list")
+        return v, loc.child(key)
+
+    # models
+    from .models import MODELS
+
+    models: List[Dict[str, Any]] = []
+    items, sl = seq("models")
+    for i, m in enumerate(items):
+        il = sl.child(i)
+        section = f"models[{i}]"
+        if isinstance(m, str):
+            m = {"name": m}
+        if not isinstance(m, dict):
+            raise err(il.line, f"{section} must be a model name or a mapping with name / checkpoint / dataset")
+        for k in m:
+            if k not in MODEL_KEYS:
+                raise _unknown(where, il.key_line(k), k, section, MODEL_KEYS)
+        for k in MODEL_KEYS:
+            typed(m, il, k, str, "a string", f"{section}.")
+        if not m.get("name") and not m.get("checkpoint"):
+            raise err(il.line, f"{section} needs a name (zoo baseline) or a checkpoint")
+        if m.get("name"):
+            _wrap(lambda: MODELS.canonical(m["name"]), where, il.child("name").line)
+        if m.get("dataset"):
+            _wrap(lambda: DATASETS.canonical(m["dataset"]), where, il.child("dataset").line)
+        if m.get("checkpoint") and not Path(m["checkpoint"]).is_file():
+            raise err(il.child("checkpoint").line, f"{section}: checkpoint not found: {m['checkpoint']}")
+        models.append({k: m.get(k) for k in MODEL_KEYS})
+
+    # threat models
+    threats: List[ThreatModel] = []
+    items, sl = seq("threats")
+    for i, t in enumerate(items):
+        il = sl.child(i)
+        section = f"threats[{i}]"
+        if not isinstance(t, dict):
+            raise err(il.line, f"{section} must be a mapping such as {{norm: linf, eps: 8/255}}")
+        for k in t:
+            if k not in THREAT_KEYS:
+                raise _unknown(where, il.key_line(k), k, section, THREAT_KEYS)
+        if "eps" not in t:
+            raise err(il.line, f"{section} needs eps")
+        norm = _wrap(lambda: check_norm(t.get("norm", "linf")), where, il.child("norm").line)
+        values = t["eps"] if isinstance(t["eps"], list) else [t["eps"]]
+        if not values:
+            raise err(il.child("eps").line, f"{section}.eps is an empty list")
+        for j, e in enumerate(values):
+            el = il.child("eps").child(j) if isinstance(t["eps"], list) else il.child("eps")
+            if isinstance(e, bool) or not isinstance(e, (int, float, str)):
+                raise err(el.line, f"invalid eps {e!r} in {section}: expected a number or a fraction such as 8/255")
+            tm = ThreatModel(norm, _wrap(lambda: parse_eps(e, norm), where, el.line))
+            if tm not in threats:
+                threats.append(tm)
+
+    # attacks
+    import attacks as attack_pkg
+
+    raw: List[Any] = []
+    items, sl = seq("attacks")
+    lines: List[int] = []
+    for i, a in enumerate(items):
+        il = sl.child(i)
+        section = f"attacks[{i}]"
+        if isinstance(a, str):
+            a = {"name": a}
+        if not isinstance(a, dict) or "name" not in a:
+            raise err(il.line, f"{section} must be an attack name or a mapping with a name")
+        for k in a:
+            if k not in ATTACK_KEYS:
+                raise _unknown(where, il.key_line(k), k, section, ATTACK_KEYS)
+        _wrap(lambda: attack_pkg.ATTACKS.canonical(str(a["name"])), where, il.child("name").line)
+        raw.append(a)
+        lines.append(il.line)
+    specs = _wrap(lambda: parse_attack_specs(raw), where, sl.line)
+    for spec, line in zip(specs, lines):  # build each attack with each threat: bad values fail here
+        for tm in threats:
+            _wrap(lambda: spec.build(tm, settings.get("seed", 0)), where, line)
+
+    name = settings.get("name") or p.stem
+    return Suite(p, name, models, threats, specs, settings)
+
+
+def _wrap(fn, where: str, line: int):
+    try:
+        return fn()
+    except AdvbenchError as exc:
+        raise AdvbenchError(f"{where}: line {line}: {exc}") from None

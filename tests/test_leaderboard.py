@@ -1,0 +1,172 @@
+"""The leaderboard: CSV rows, markdown sections and sort order, atomic + locked appends (several
+processes at once lose no row), corrupt and unwritable files."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from robustbench_lite import leaderboard as lb
+from robustbench_lite.errors import AdvbenchError
+from robustbench_lite.evaluator import evaluate
+
+
+def row(run_id, model, attack, robust, *, dataset="mnist-5k", norm="linf", eps=0.3, clean=0.99, ts="2026-01-01T00:00:00",
+        sha="aaaa", defense="standard", activation="relu", n=100):
+    r = {c: "" for c in lb.COLUMNS}
+    r.update(run_id=run_id, timestamp=ts, model=model, checkpoint_sha256=sha, dataset=dataset, n_examples=str(n),
+             norm=norm, eps=repr(eps), attack=attack, clean_acc=repr(clean), robust_acc=repr(robust),
+             defense=defense, activation=activation, attack_params="{}")
+    return r
+
+
+def run_rows(run_id, model, accs, worst, **kw):
+    return [row(run_id, model, a, v, **kw) for a, v in accs.items()] + [row(run_id, model, "worst-case", worst, **kw)]
+
+
+def test_rows_from_an_evaluation(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = torch.rand(20, 1, 4, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    res = evaluate(model, x, y, ["fgsm", {"name": "pgd", "steps": 2}], eps="0.1,0.2")
+    rows = lb.result_rows(res, {"run_id": "r1", "model": "m", "dataset": "d", "seed": 0, "flags": "zoo"})
+    assert len(rows) == 2 * 3  # (2 attacks + worst case) x 2 threat models
+    assert all(list(r) == lb.COLUMNS for r in rows)
+    assert [r["attack"] for r in rows[:3]] == ["fgsm", "pgd", "worst-case"]
+    assert rows[0]["eps"] == "0.1" and rows[3]["eps"] == "0.2" and rows[0]["n_examples"] == "20"
+    assert json.loads(rows[1]["attack_params"])["steps"] == 2
+    assert json.loads(rows[2]["attack_params"]) == ["fgsm", "pgd"]
+    assert float(rows[0]["clean_acc"]) == 1.0
+    assert float(rows[2]["robust_acc"]) <= min(float(rows[0]["robust_acc"]), float(rows[1]["robust_acc"]))
+    lb.append(tmp_path, rows)
+    df = lb.read(tmp_path)
+    assert len(df) == 6 and list(df.columns) == lb.COLUMNS
+    assert df.to_dict(orient="records") == rows  # strings round-trip exactly
+
+
+def test_markdown_sections_sort_order_and_latest_run(tmp_path):
+    rows = []
+    rows += run_rows("r1", "smallcnn", {"fgsm": 0.2, "pgd": 0.0}, 0.0)
+    rows += run_rows("r2", "smallcnn", {"fgsm": 0.9, "pgd": 0.8}, 0.8, sha="bbbb", defense="pgd-at")
+    rows += run_rows("r3", "lenet", {"fgsm": 0.5, "pgd": 0.3}, 0.3, sha="cccc")
+    rows += run_rows("r4", "smallcnn", {"fgsm": 0.4, "pgd": 0.1}, 0.1, ts="2026-02-01T00:00:00")  # newer r1
+    rows += run_rows("r5", "smallcnn", {"fgsm": 0.7, "bim": 0.6}, 0.6, eps=0.1)
+    rows += run_rows("r6", "resnet18", {"pgd": 0.4}, 0.4, dataset="npz:cifar10.npz", eps=8 / 255)
+    rows += run_rows("r7", "smallcnn", {"fgsm": 0.9, "pgd": 0.9}, 0.9, ts="2026-03-01T00:00:00", n=20)  # smoke run
+    lb.append(tmp_path, rows[:10])
+    lb.append(tmp_path, rows[10:])
+    md = (tmp_path / "leaderboard.md").read_text()
+    titles = [line for line in md.splitlines() if line.startswith("## ")]
+    assert titles == ["## mnist-5k · linf eps=0.1", "## mnist-5k · linf eps=0.3", "## npz:cifar10.npz · linf eps=8/255"]
+    sec = md.split("## mnist-5k · linf eps=0.3")[1].split("## ")[0]
+    lines = [ln for ln in sec.splitlines() if ln.startswith("|")]
+    assert lines[0] == "| # | model | defense | activation | checkpoint | n | clean | fgsm | pgd | worst case | run |"
+    body = lines[2:]
+    assert len(body) == 3  # r1 is superseded by r4 (same model, checkpoint, defense); r7 has fewer examples
+    assert [b.split(" | ")[-1].strip(" |`") for b in body] == ["r2", "r3", "r4"]  # worst case 80 > 30 > 10
+    assert body[0].startswith("| 1 | smallcnn | pgd-at | relu | `bbbb` | 100 | 99.00 | 90.00 | 80.00 | 80.00 |")
+    sec01 = md.split("## mnist-5k · linf eps=0.1")[1].split("## ")[0]
+    assert "| clean | fgsm | bim | worst case |" in sec01
+    # the same via the DataFrame API
+    sections = lb.table(lb.read(tmp_path))
+    assert [t for t, _ in sections][1] == "mnist-5k · linf eps=0.3"
+    assert list(sections[1][1]["worst case"]) == [0.8, 0.3, 0.1]
+
+
+def test_json_rendering_has_numbers(tmp_path):
+    lb.append(tmp_path, run_rows("a", "m", {"pgd": 0.25}, 0.25, eps=8 / 255))
+    recs = json.loads(lb.render_json(lb.read(tmp_path)))
+    assert recs[0]["robust_acc"] == 0.25 and recs[0]["eps"] == 8 / 255 and recs[0]["n_examples"] == 100
+    assert recs[0]["attack_params"] == {} and recs[1]["attack"] == "worst-case" and recs[0]["mean_norm"] is None
+
+
+def test_filter_rows(tmp_path):
+    lb.append(tmp_path, run_rows("a", "m", {"pgd": 0.1}, 0.1, eps=8 / 255) + run_rows("b", "m", {"pgd": 0.2}, 0.2,
+                                                                                      norm="l2", eps=0.5))
+    df = lb.read(tmp_path)
+    assert len(lb.filter_rows(df, norm="linf")) == 2
+    assert len(lb.filter_rows(df, eps=0.5)) == 2
+    assert len(lb.filter_rows(df, eps=8 / 255, norm="linf", dataset="MNIST-5K")) == 2
+    assert len(lb.filter_rows(df, dataset="cifar10")) == 0
+
+
+def test_missing_and_empty_leaderboards_read_as_empty(tmp_path):
+    assert lb.read(tmp_path).empty
+    (tmp_path / "leaderboard.csv").write_text("")
+    assert lb.read(tmp_path).empty
+    assert "No results yet" in lb.render_markdown(lb.read(tmp_path))
+
+
+def test_corrupt_csv_is_an_error_and_is_not_overwritten(tmp_path):
+    p = tmp_path / "leaderboard.csv"
+    p.write_text("hello,world\n1,2\n")
+    with pytest.raises(AdvbenchError, match=r"leaderboard.csv is corrupt: missing columns run_id, model"):
+        lb.read(tmp_path)
+    with pytest.raises(AdvbenchError, match="is corrupt"):
+        lb.append(tmp_path, run_rows("r", "m", {"pgd": 0.1}, 0.1))
+    assert p.read_text() == "hello,world\n1,2\n"
+    lb.append(tmp_path / "ok", run_rows("r", "m", {"pgd": 0.1}, 0.1))
+    text = (tmp_path / "ok" / "leaderboard.csv").read_text().splitlines()
+    (tmp_path / "ok" / "leaderboard.csv").write_text("\n".join(text[:-1] + [text[-1].replace(",0.1,", ",abc,")]))
+    with pytest.raises(AdvbenchError, match=r"corrupt: row 3 has robust_acc='abc'"):
+        lb.read(tmp_path / "ok")
+
+
+def test_a_failure_while_appending_changes_no_file(tmp_path, monkeypatch):
+    lb.append(tmp_path, run_rows("r1", "m", {"pgd": 0.1}, 0.1))
+    before = {n: (tmp_path / n).read_text() for n in ("leaderboard.csv", "leaderboard.md")}
+
+    def boom(df):
+        raise RuntimeError("crash while rendering")
+
+    monkeypatch.setattr(lb, "render_markdown", boom)
+    with pytest.raises(RuntimeError):
+        lb.append(tmp_path, run_rows("r2", "m", {"pgd": 0.2}, 0.2))
+    assert {n: (tmp_path / n).read_text() for n in before} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_unwritable_results_dir_is_an_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(AdvbenchError, match="cannot create directory"):
+        lb.append(blocker / "results", run_rows("r", "m", {"pgd": 0.1}, 0.1))
+    with pytest.raises(AdvbenchError):
+        lb.create_run_dir(blocker)
+
+
+def test_run_ids_are_unique_and_run_files_are_written(tmp_path):
+    ids = {lb.create_run_dir(tmp_path)[0] for _ in range(50)}
+    assert len(ids) == 50
+    run_id, d = lb.create_run_dir(tmp_path)
+    lb.write_run_files(d, {"a": (1, 2), "eps": float("nan")}, {"x": 1.5}, [{"sample_id": 1, "fooled": 0}])
+    assert (d / "config.yaml").read_text() == "a:\n- 1\n- 2\neps: null\n"
+    assert json.loads((d / "summary.json").read_text()) == {"x": 1.5}
+    assert (d / "outcomes.csv").read_text() == "sample_id,fooled\n1,0\n"
+
+
+def _writer(args):
+    results_dir, k, per = args
+    for j in range(per):
+        lb.append(results_dir, run_rows(f"p{k}-{j}", f"model{k}", {"fgsm": 0.5, "pgd": 0.1 * j}, 0.05 * j))
+    return k
+
+
+def test_concurrent_appends_lose_no_row(tmp_path):
+    procs, per = 4, 5
+    ctx = mp.get_context("fork")
+    with ctx.Pool(procs) as pool:
+        assert sorted(pool.map(_writer, [(str(tmp_path), k, per) for k in range(procs)])) == list(range(procs))
+    df = pd.read_csv(tmp_path / "leaderboard.csv", dtype=str, keep_default_na=False)
+    assert len(df) == procs * per * 3
+    assert set(df["run_id"]) == {f"p{k}-{j}" for k in range(procs) for j in range(per)}
+    assert (df.groupby("run_id").size() == 3).all()
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert all(f"model{k}" in md for k in range(procs))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
