@@ -269,6 +269,8 @@ def attack_cmd(
                    data_dir=data_dir, download=download)
     out = err_console if json_out else console
     record = execute_run(spec, console=out, progress_console=err_console)
+    if not record.run_id:  # a DDP rank other than 0: rank 0 reports
+        return
     if json_out:
         _print_json(record.summary())
     else:
@@ -312,9 +314,13 @@ def run_cmd(
     """Run a benchmark suite (YAML); every model's results go to the same leaderboard."""
     from .suite import execute_run, load_suite
 
+    from .runtime import env_rank
+
     s = load_suite(suite)
     runs = s.runs(results_dir=results_dir, device=device)
     out = err_console if json_out else console
+    if env_rank() != 0:  # under torchrun only rank 0 talks
+        out, json_out = Console(quiet=True), False
     out.print(f"suite {s.name}: {len(runs)} model(s) x {len(s.threats)} threat model(s) x {len(s.attacks)} "
               f"attack(s)", markup=False, highlight=False)
     if dry_run:
@@ -328,6 +334,8 @@ def run_cmd(
     records = []
     for r in runs:
         record = execute_run(r, console=out, progress_console=err_console)
+        if not record.run_id:  # a DDP rank other than 0: rank 0 reports
+            continue
         records.append(record)
         if not json_out:
             _report_run(record, out)
@@ -336,7 +344,11 @@ def run_cmd(
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    app(args=argv, prog_name="advbench")
+    try:
+        app(args=argv, prog_name="advbench")
+    finally:
+        if "robustbench_lite.distributed" in sys.modules:
+            sys.modules["robustbench_lite.distributed"].shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -182,15 +182,29 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     from .fileio import ensure_dir
     from .runtime import resolve_device
 
+    from . import distributed
+
     validate_run(spec)
     ensure_dir(spec.results_dir)  # an unwritable results dir fails before any work
-    model, ds, info = load_model(spec, console=console, quiet=quiet)
-    x, y, ids = ds.subset("test", spec.n_examples, spec.seed)
     device = resolve_device(spec.device)
+    ctx = distributed.init(device)  # under torchrun: one process per device, each attacks its shard
+    device = distributed.local_device(device)
+    quiet = quiet or not ctx.is_main
+    if ctx.enabled and not ctx.is_main:
+        distributed.barrier()  # rank 0 trains the zoo baseline (if missing) before the others load it
+    model, ds, info = load_model(spec, console=console, quiet=quiet)
+    if ctx.enabled and ctx.is_main:
+        distributed.barrier()
+    x, y, ids = ds.subset("test", spec.n_examples, spec.seed)
+    n_total = len(y)
+    if ctx.enabled:
+        mine = distributed.shard(len(y), ctx)
+        x, y, ids = x[mine], y[mine], ids[mine]
     if console is not None and not quiet:
-        console.print(f"attacking {info['model']} ({info['checkpoint']}) on {len(y)} {info['dataset']} test "
+        where = f"{ctx.world_size} x {device.type} (DDP)" if ctx.enabled else str(device)
+        console.print(f"attacking {info['model']} ({info['checkpoint']}) on {n_total} {info['dataset']} test "
                       f"images: {', '.join(a.label for a in spec.attacks)} x "
-                      f"{', '.join(str(t) for t in spec.threats)} on {device}", markup=False, highlight=False)
+                      f"{', '.join(str(t) for t in spec.threats)} on {where}", markup=False, highlight=False)
     progress = _progress(progress_console, quiet)
     tasks: Dict[Any, Any] = {}
 
@@ -204,6 +218,12 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     with progress:
         result = evaluate(model, x, y, spec.attacks, spec.threats, batch_size=spec.batch_size, device=device,
                           seed=spec.seed, sample_ids=ids, on_progress=on_progress)
+    if ctx.enabled:  # per-sample outcomes are keyed by sample id, so the merge equals a single-process run
+        result = EvalResult.merge(distributed.all_gather_objects(result))
+    if not ctx.is_main:
+        return RunRecord("", Path(spec.results_dir), result, info)  # only rank 0 writes
+    if ctx.enabled:
+        info["flags"].append(f"ddp={ctx.world_size}")
     amps = sorted({str(a.params.get("amp")) for a in spec.attacks if a.params.get("amp")})
     flags = info.pop("flags") + list(spec.flags) + [f"amp={a}" for a in amps] + leaderboard.environment_flags()
     run_id, run_dir = leaderboard.create_run_dir(spec.results_dir)
