@@ -169,7 +169,9 @@ def train_robust_cmd(
     mix_weight: Optional[float] = typer.Option(None, "--mix-weight", help="mix: weight of the clean loss "
                                                                          "(default 0.5)."),
     bn_mode: str = typer.Option("eval", "--bn-mode", help="BatchNorm mode during the inner attack: eval or train."),
-    eps_warmup: int = typer.Option(0, "--eps-warmup", help="Ramp eps linearly over this many first epochs."),
+    eps_warmup: Optional[int] = typer.Option(None, "--eps-warmup",
+                                             help="Ramp eps linearly (per step) over this many first epochs "
+                                                  "(default: 2 when --epochs >= 5, else 0)."),
     activation: str = typer.Option("relu", "--activation", help="Activation (see `advbench list`)."),
     smooth_backward: Optional[str] = typer.Option(None, "--smooth-backward",
                                                   help="Keep ReLU forward, use this activation's derivative "
@@ -181,7 +183,7 @@ def train_robust_cmd(
                                                          "(0: none)."),
     val_steps: int = typer.Option(10, "--val-steps", help="PGD steps of the per-epoch validation."),
     epochs: int = typer.Option(10, "--epochs"),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    batch_size: int = typer.Option(32, "--batch-size"),
     lr: float = typer.Option(0.001, "--lr"),
     optimizer: str = typer.Option("adam", "--optimizer", help="sgd or adam."),
     schedule: str = typer.Option("cosine", "--schedule", help="cosine, step or constant."),
@@ -257,16 +259,22 @@ def attack_cmd(
     seed: int = typer.Option(0, "--seed"),
     results_dir: str = typer.Option("results", "--results-dir"),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary (only) on stdout."),
+    amp: Optional[str] = typer.Option(None, "--amp", help="bf16: attack forward passes under torch.autocast "
+                                                          "(gradients and losses stay float32)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory format (faster convs on GPU)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (dynamic shapes)."),
 ):
     """Accuracy under FGSM / BIM / PGD: clean, per attack, worst case; recorded in the leaderboard."""
     from .evaluator import resolve_threats
+    from .runtime import check_amp
     from .suite import RunSpec, cli_attack_specs, execute_run
 
     threats = resolve_threats(eps=eps, norm=norm)
-    specs = cli_attack_specs(attack, steps=steps, alpha=alpha, restarts=restarts, loss=loss)
+    specs = cli_attack_specs(attack, steps=steps, alpha=alpha, restarts=restarts, loss=loss, amp=check_amp(amp))
     spec = RunSpec(model=model, checkpoint=checkpoint, dataset=dataset, threats=threats, attacks=specs,
                    n_examples=n_examples, batch_size=batch_size, device=device, seed=seed, results_dir=results_dir,
-                   data_dir=data_dir, download=download)
+                   data_dir=data_dir, download=download, amp=check_amp(amp), channels_last=channels_last,
+                   compile=compile)
     out = err_console if json_out else console
     record = execute_run(spec, console=out, progress_console=err_console)
     if not record.run_id:  # a DDP rank other than 0: rank 0 reports

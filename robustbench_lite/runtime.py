@@ -41,3 +41,31 @@ def check_positive(name: str, value: Optional[int], minimum: int = 1) -> None:
 
 def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
+
+
+AMP_CHOICES = ("bf16",)
+
+
+def check_amp(amp: Optional[str]) -> Optional[str]:
+    if amp in (None, "", "none", "off"):
+        return None
+    if str(amp).lower() not in AMP_CHOICES:
+        raise AdvbenchError(f"invalid --amp {amp!r}: expected bf16 (or leave it out)")
+    return str(amp).lower()
+
+
+def accelerate(model: torch.nn.Module, device: torch.device, channels_last: bool = False,
+               compile: bool = False) -> torch.nn.Module:
+    """Move ``model`` to ``device`` with the optional fast paths, each a flag:
+    channels_last memory format (NHWC convolutions; inputs are converted to match by the callers)
+    and torch.compile (dynamic shapes: early stopping shrinks the batch)."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model, dynamic=True)
+    return model
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x

@@ -57,6 +57,9 @@ class RunSpec:
     results_dir: str = "results"
     data_dir: Optional[str] = None
     download: bool = False
+    amp: Optional[str] = None               # "bf16": attack forward passes under torch.autocast
+    channels_last: bool = False             # NHWC memory format for model and inputs
+    compile: bool = False                   # torch.compile the model
     source: str = "advbench attack"         # what started the run (recorded in config.yaml)
     flags: List[str] = field(default_factory=list)
 
@@ -75,9 +78,11 @@ class RunRecord:
 
 
 def cli_attack_specs(names: str, steps: Optional[int] = None, alpha: Optional[str] = None,
-                     restarts: Optional[int] = None, loss: Optional[str] = None) -> List[AttackSpec]:
+                     restarts: Optional[int] = None, loss: Optional[str] = None,
+                     amp: Optional[str] = None) -> List[AttackSpec]:
     """Attack specs for `advbench attack`: --steps and --alpha go to the iterative attacks (not to
-    single-step ones such as fgsm), --restarts to the random-start ones (pgd), --loss to all."""
+    single-step ones such as fgsm), --restarts to the random-start ones (pgd), --loss and --amp
+    to all."""
     import attacks
     from attacks.engine import BASE_DEFAULTS
 
@@ -96,6 +101,8 @@ def cli_attack_specs(names: str, steps: Optional[int] = None, alpha: Optional[st
             params["restarts"], used["--restarts"] = restarts, True
         if loss is not None:
             params["loss"] = loss
+        if amp is not None:
+            params["amp"] = amp
         out.append(AttackSpec(s.name, params, s.label, s.factory))
     for opt, given in (("--steps", steps), ("--alpha", alpha), ("--restarts", restarts)):
         if given is not None and not used[opt]:
@@ -180,8 +187,7 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
 
     from . import leaderboard
     from .fileio import ensure_dir
-    from .runtime import resolve_device
-
+    from .runtime import accelerate, resolve_device, to_memory_format
     from . import distributed
 
     validate_run(spec)
@@ -195,7 +201,9 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     model, ds, info = load_model(spec, console=console, quiet=quiet)
     if ctx.enabled and ctx.is_main:
         distributed.barrier()
+    model = accelerate(model, device, channels_last=spec.channels_last, compile=spec.compile)
     x, y, ids = ds.subset("test", spec.n_examples, spec.seed)
+    x = to_memory_format(x, spec.channels_last)
     n_total = len(y)
     if ctx.enabled:
         mine = distributed.shard(len(y), ctx)
@@ -225,7 +233,8 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     if ctx.enabled:
         info["flags"].append(f"ddp={ctx.world_size}")
     amps = sorted({str(a.params.get("amp")) for a in spec.attacks if a.params.get("amp")})
-    flags = info.pop("flags") + list(spec.flags) + [f"amp={a}" for a in amps] + leaderboard.environment_flags()
+    fast = (["channels_last"] if spec.channels_last else []) + (["compile"] if spec.compile else [])
+    flags = info.pop("flags") + list(spec.flags) + [f"amp={a}" for a in amps] + fast + leaderboard.environment_flags()
     run_id, run_dir = leaderboard.create_run_dir(spec.results_dir)
     info.update(run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                 device=str(device), seed=spec.seed, version=leaderboard.version(), flags=";".join(flags))
