@@ -3,8 +3,9 @@
     attack = attacks.create("pgd", threat=ThreatModel("linf", 8/255), steps=10)
     x_adv = attack(model, x, y)          # same shape, within the threat model
 
-Built-in: fgsm, bim (alias ifgsm), pgd. Third-party attacks register on import through the
-``advbench.attacks`` entry-point group, e.g. in their pyproject.toml:
+Built-in: fgsm, bim (alias ifgsm), pgd, and apgd-ce, apgd-dlr, apgd-t (attacks.apgd, own loop).
+Third-party attacks register on import through the ``advbench.attacks`` entry-point group, e.g.
+in their pyproject.toml:
 ``[project.entry-points."advbench.attacks"] mine = "mypkg.my_attack"`` where my_attack does
 ``@attacks.ATTACKS.register("mine") class Mine(attacks.Attack): defaults = {...}``.
 
@@ -20,7 +21,7 @@ from robustbench_lite.threat import ThreatModel
 
 from .engine import Attack, attack_mode, random_targets
 
-ATTACKS = Registry("attack", builtin_modules=("attacks.fgsm", "attacks.bim", "attacks.pgd"),
+ATTACKS = Registry("attack", builtin_modules=("attacks.fgsm", "attacks.bim", "attacks.pgd", "attacks.apgd"),
                    entry_point_group="advbench.attacks")
 
 

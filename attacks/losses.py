@@ -21,6 +21,8 @@ form (labels = target classes: pull towards them).
   so it expects logits of shape (N, 2C) = [adversarial logits | clean reference logits] (the
   TRADES method wraps its model to append the reference) and ignores the labels. Meant for
   early_stop=False, keep="last": "fooled" (an argmax over 2C columns) has no meaning for it.
+- ``dlr``: Difference of Logits Ratio of APGD (Croce & Hein, ICML 2020), shift- and
+  scale-invariant; ``dlr-targeted``: its targeted form (APGD-T), targeted attacks only.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Loss(NamedTuple):
-    untargeted: LossFn
+    untargeted: Optional[LossFn]  # None: the loss is targeted only (dlr-targeted)
     targeted: Optional[LossFn]  # None: the loss has no targeted form
 
 
@@ -93,6 +95,44 @@ LOSSES.register("kl", Loss(kl, kl_targeted), aliases=("trades-kl",),
                 help="TRADES KL(p_ref || p); the model must output [z | z_ref] (used by defenses.trades)")
 
 
+def _sorted_desc(logits: torch.Tensor) -> torch.Tensor:
+    return logits.sort(dim=1, descending=True).values
+
+
+def dlr(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Difference of Logits Ratio (Croce & Hein, ICML 2020, eq. 5), untargeted, to maximise:
+    -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12), pi the logits sorted in decreasing order.
+    Invariant to a shift AND a positive rescaling of the logits (unlike CE and the CW margin)."""
+    z_y, z_other = _split(logits, y)
+    zs = _sorted_desc(logits)
+    return -(z_y - z_other) / (zs[:, 0] - zs[:, 2] + 1e-12)
+
+
+def dlr_targeted_yt(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR of the paper (eq. 6), to maximise:
+    -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12). Needs >= 4 classes."""
+    z_y = logits.gather(1, y.reshape(-1, 1)).reshape(-1)
+    z_t = logits.gather(1, target.reshape(-1, 1)).reshape(-1)
+    zs = _sorted_desc(logits)
+    return -(z_y - z_t) / (zs[:, 0] - (zs[:, 2] + zs[:, 3]) / 2 + 1e-12)
+
+
+def dlr_targeted(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR with the registry's (logits, target) signature: z_y is replaced by the best
+    non-target logit max_{i != t} z_i. While the sample is still classified as y (t != y) that IS
+    z_y, so this equals the paper's targeted DLR on every sample an attack still works on (APGD-T
+    drops fooled samples from its batch)."""
+    z_t, z_other = _split(logits, target)
+    zs = _sorted_desc(logits)
+    return -(z_other - z_t) / (zs[:, 0] - (zs[:, 2] + zs[:, 3]) / 2 + 1e-12)
+
+
+LOSSES.register("dlr", Loss(dlr, dlr_targeted),
+                help="Croce-Hein Difference of Logits Ratio (targeted: the targeted DLR of APGD-T)")
+LOSSES.register("dlr-targeted", Loss(None, dlr_targeted), aliases=("dlr-t",),
+                help="targeted DLR of APGD-T (targeted attacks only)")
+
+
 def check_loss(name: str) -> str:
     """Canonical loss name; an unknown one is an AdvbenchError naming the parameter ``loss``."""
     if not isinstance(name, str):
@@ -105,6 +145,8 @@ def get_loss(name: str, targeted: bool) -> LossFn:
     key = check_loss(name)
     spec: Loss = LOSSES.get(key)
     if not targeted:
+        if spec.untargeted is None:
+            raise AdvbenchError(f"loss {key!r} is targeted only: use it with a target")
         return spec.untargeted
     if spec.targeted is None:
         raise AdvbenchError(f"loss {key!r} has no targeted form: use it without a target")

@@ -43,7 +43,10 @@ class Softplus(Activation):
         self.alpha = float(alpha)
 
     def forward(self, x):
-        return F.softplus(x, beta=self.alpha, threshold=20.0)
+        # threshold 40 (not PyTorch's 20): beyond it log(1+exp(t))/alpha == x and sigmoid(t) == 1
+        # to float64 precision, so values and gradients follow the formula exactly in float64 too;
+        # exp(40) is still far from overflowing float32.
+        return F.softplus(x, beta=self.alpha, threshold=40.0)
 
     def derivative(self, x):
         return torch.sigmoid(self.alpha * x)

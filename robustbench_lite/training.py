@@ -6,16 +6,37 @@ learning-rate schedule, per-epoch evaluation, metrics CSV, atomic checkpoints ea
 resume. All randomness derives from (seed, epoch), so a resumed run replays the same batches and
 ends with the same weights as an uninterrupted one (on CPU).
 
-Hooks used by defenses: ``validate(model, epoch) -> dict`` (e.g. PGD accuracy on a held-out split),
-``select`` (the metric that picks best.pt), and ``averager`` (SWA / EMA weight averaging).
+Hooks used by defenses: ``validate(model, epoch) -> dict`` (any extra per-epoch metrics),
+``select`` (the metric that picks best.pt), and ``averager`` (SWA / EMA weight averaging; built
+from ``cfg.swa_start`` / ``cfg.ema`` when not given).
+
+Robust early stopping (Rice, Wong & Kolter, "Overfitting in adversarially robust deep learning",
+ICML 2020): with ``cfg.val_size = N`` the loop carves N examples off the training split
+(deterministically: a permutation seeded with the constant VAL_SPLIT_SEED, so every run and every
+--seed holds out the same examples) and never trains on them. With ``robust_val`` it measures clean
+and PGD accuracy on them after every epoch (``val_clean_acc``, ``val_pgd_acc``; ``val_fgsm_acc``
+too when the method's collapse guard needs it) and keeps the epoch with the best ``val_pgd_acc``.
+
+Files, for ``cfg.out = DIR/NAME.pt``:
+  DIR/NAME.pt            the last epoch (resumable: optimiser, averager and history inside)
+  DIR/NAME.best.pt       the epoch with the best ``select`` metric (robust training: val_pgd_acc)
+  DIR/NAME.metrics.csv   one row per epoch (losses, accuracies, lr, seconds, img/s)
+With weight averaging the shipped weights (state_dict) are the averaged ones; the raw weights
+travel inside the training state for --resume.
+
+Catastrophic-overfitting guard: a method may define ``check_collapse(history, row)``; when it
+returns a message the loop restores the weights, optimiser and averager of the end of the
+previous epoch, records the event in the metrics (``rolled_back`` = 1), stops, and says so.
+A resumed run that had stopped stays stopped.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -48,10 +69,24 @@ class TrainConfig:
     device: str = "cpu"
     n_train: Optional[int] = None       # use a subset of the training split
     eval_batch_size: int = 500
+    val_size: int = 0                   # hold out this many training examples for validation
+    swa_start: Optional[int] = None     # SWA from this epoch on (defenses.averaging.SWA)
+    swa_lr: Optional[float] = None      # constant learning rate from swa_start on (default: keep schedule)
+    ema: Optional[float] = None         # EMA of the weights with this decay (defenses.averaging.EMA)
 
     def validate(self) -> None:
         check_positive("--epochs", self.epochs)
         check_positive("--batch-size", self.batch_size)
+        if self.val_size is None or self.val_size < 0:
+            raise AdvbenchError(f"--val-size must be >= 0 (got {self.val_size})")
+        if self.swa_start is not None and not (1 <= self.swa_start <= self.epochs):
+            raise AdvbenchError(f"--swa-start must be an epoch between 1 and --epochs {self.epochs} "
+                                f"(got {self.swa_start})")
+        if self.swa_lr is not None:
+            if self.swa_start is None:
+                raise AdvbenchError("--swa-lr needs --swa-start")
+            if not (self.swa_lr > 0 and math.isfinite(self.swa_lr)):
+                raise AdvbenchError(f"--swa-lr must be a positive number (got {self.swa_lr})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise AdvbenchError(f"--lr must be a positive number (got {self.lr})")
         if self.optimizer not in ("sgd", "adam"):
@@ -67,10 +102,16 @@ class TrainResult:
     metrics: List[Dict[str, Any]] = field(default_factory=list)
     model: Any = None
     best_out: Optional[Path] = None
+    stopped: Optional[str] = None      # why training stopped early (catastrophic overfitting), if it did
 
 
-def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
-    """Learning rate at optimisation step ``step`` of ``total`` (per-iteration schedule)."""
+def lr_at(cfg: TrainConfig, step: int, total: int, steps_per_epoch: Optional[int] = None) -> float:
+    """Learning rate at optimisation step ``step`` of ``total`` (per-iteration schedule); with
+    ``cfg.swa_lr`` it is constant from epoch ``cfg.swa_start`` on (Izmailov et al.)."""
+    if cfg.swa_lr is not None and cfg.swa_start is not None:
+        spe = steps_per_epoch or max(1, total // max(1, cfg.epochs))
+        if step // spe + 1 >= cfg.swa_start:
+            return cfg.swa_lr
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
     if cfg.schedule == "step":  # /10 at 50% and 75% of training (Madry et al. / Rice et al. style)
@@ -137,14 +178,104 @@ def _write_metrics(path: Path, rows: List[Dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+VAL_SPLIT_SEED = 20200220  # fixed: every run holds out the same validation examples
+
+
+def split_train_val(n: int, val_size: int = 0, n_train: Optional[int] = None, seed: int = 0):
+    """(train ids, validation ids) into a training split of ``n`` examples.
+
+    The validation ids are the first ``val_size`` of a permutation seeded with VAL_SPLIT_SEED
+    (independent of --seed), sorted; the training ids are the rest, in order. ``n_train`` then
+    draws a subset of those with a permutation seeded with ``seed`` (as Dataset.subset does)."""
+    from .data import check_n_examples
+
+    if val_size:
+        if val_size >= n:
+            raise AdvbenchError(f"--val-size {val_size} leaves no training examples (the split has {n})")
+        g = torch.Generator().manual_seed(VAL_SPLIT_SEED)
+        perm = torch.randperm(n, generator=g)
+        val_ids = perm[:val_size].sort().values
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[val_ids] = False
+        pool = torch.nonzero(keep).reshape(-1)
+    else:
+        val_ids = torch.zeros(0, dtype=torch.int64)
+        pool = torch.arange(n)
+    if n_train is not None:
+        check_n_examples(n_train, len(pool), "the training examples" + (" left after --val-size" if val_size else ""))
+        if n_train < len(pool):
+            g = torch.Generator().manual_seed(int(seed))
+            pool = pool[torch.randperm(len(pool), generator=g)[:n_train].sort().values]
+    return pool, val_ids
+
+
+@dataclass
+class RobustValidation:
+    """Per-epoch robust validation on the held-out split: PGD (``steps`` steps, default step size,
+    fixed seed, so epochs are compared on the same attack) and, when asked, FGSM."""
+
+    threat: Any                     # robustbench_lite.threat.ThreatModel
+    steps: int = 10
+    seed: int = 0
+    batch_size: int = 500
+    extra_attacks: tuple = ()       # e.g. ("fgsm",) for the catastrophic-overfitting guard
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+        import attacks
+
+        device = next(model.parameters()).device
+        specs = {"pgd": dict(steps=self.steps, restarts=1)}
+        for name in self.extra_attacks:
+            specs.setdefault(name, {})
+        atks = {name: attacks.create(name, threat=self.threat, seed=self.seed, **kw) for name, kw in specs.items()}
+        correct = {"clean": 0, **{name: 0 for name in atks}}
+        was = model.training
+        model.eval()
+        try:
+            for i in range(0, len(y), self.batch_size):
+                xb = x[i:i + self.batch_size].to(device)
+                yb = y[i:i + self.batch_size].to(device)
+                ids = torch.arange(i, i + len(yb), device=device)
+                with torch.no_grad():
+                    ok = model(xb).argmax(1) == yb
+                correct["clean"] += int(ok.sum())
+                for name, atk in atks.items():
+                    xa = atk(model, xb, yb, sample_ids=ids)
+                    with torch.no_grad():
+                        correct[name] += int((model(xa).argmax(1) == yb).sum())
+        finally:
+            model.train(was)
+        n = max(1, len(y))
+        return {f"val_{k}_acc": v / n for k, v in correct.items()}
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (int(seed) * 1_000_003 + int(epoch)) % (2 ** 63 - 1)
+
+
+def _snapshot(model, opt, averager) -> Dict[str, Any]:
+    """An in-memory copy (not aliases) of everything an epoch changes, for a rollback."""
+    return {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
+            "averager": copy.deepcopy(averager.state_dict()) if averager is not None else None}
+
+
+def _has_guard(method) -> bool:
+    from defenses.methods import TrainingMethod
+
+    fn = getattr(type(method), "check_collapse", None)
+    return fn is not None and fn is not TrainingMethod.check_collapse
+
+
 def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
           validate: Optional[Callable[[Any, int], Dict[str, float]]] = None, select: Optional[str] = None,
           averager=None, console=None, quiet: bool = False, x_val=None, y_val=None,
-          on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> TrainResult:
+          on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
+          robust_val: Optional[RobustValidation] = None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.dataset`` with ``method`` (default: standard training).
 
     Writes ``cfg.out`` (last epoch, with optimiser state) after every epoch, ``<out>.metrics.csv``,
-    and ``<out>.best.pt`` when ``select`` names a metric to maximise."""
+    and ``<out>.best.pt`` when ``select`` names a metric to maximise (default with ``robust_val``:
+    val_pgd_acc). ``x_val``/``y_val`` replace the test split for the per-epoch ``test_acc``."""
     from .data import load_dataset
     from .models import model_for_dataset
     from .runtime import resolve_device
@@ -154,6 +285,17 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
 
         method = METHODS.create("standard")
     cfg.validate()
+    if averager is None and (cfg.swa_start is not None or cfg.ema is not None):
+        from defenses.averaging import create_averager
+
+        averager = create_averager(cfg.swa_start, cfg.ema)
+    if robust_val is not None:
+        if not cfg.val_size:
+            raise AdvbenchError("robust validation needs held-out training examples: set --val-size > 0")
+        extra = tuple(getattr(method, "validation_attacks", ()) or ())
+        if extra and not set(extra) <= set(robust_val.extra_attacks):
+            robust_val = replace(robust_val, extra_attacks=tuple(robust_val.extra_attacks) + extra)
+        select = select or "val_pgd_acc"
     device = resolve_device(cfg.device)
     ds = dataset if dataset is not None else load_dataset(cfg.dataset)
     out = Path(cfg.out)
@@ -164,16 +306,15 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
     model.to(device)
     opt = make_optimizer(cfg, model)
 
-    x_train, y_train = ds.x_train, ds.y_train
-    if cfg.n_train is not None:
-        x_train, y_train, _ = ds.subset("train", cfg.n_train, cfg.seed)
-    x_train, y_train = x_train.to(device), y_train.to(device)
-    ids_all = torch.arange(len(y_train), device=device)
+    train_ids, val_ids = split_train_val(len(ds.y_train), cfg.val_size, cfg.n_train, cfg.seed)
+    x_train, y_train = ds.x_train[train_ids].to(device), ds.y_train[train_ids].to(device)
+    x_hold, y_hold = ds.x_train[val_ids], ds.y_train[val_ids]
+    ids_all = train_ids.to(device)  # sample ids for the attacks' random numbers: index in the split
     n = len(y_train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
 
-    start_epoch, history, best_score = 1, [], -math.inf
+    start_epoch, history, best_score, stopped = 1, [], -math.inf, None
     if cfg.resume and out.is_file():
         ck = read_checkpoint(out)
         state = (ck.get("extra") or {}).get("train_state")
@@ -181,35 +322,52 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
             raise AdvbenchError(f"--resume: {out} is not a resumable training checkpoint")
         if ck["model"] != model.spec["name"]:
             raise AdvbenchError(f"--resume: {out} holds model {ck['model']!r}, not {model.spec['name']!r}")
+        was = (ck.get("defense") or {}).get("method")
+        now = method.config().get("method")
+        if was and now and was != now:
+            raise AdvbenchError(f"--resume: {out} was trained with method {was!r}, not {now!r} "
+                                f"(use another --out to start a new run)")
         load_state(model, state.get("raw_state_dict") or ck["state_dict"], source=f"checkpoint {out}")
         if ck.get("optimizer"):
             opt.load_state_dict(ck["optimizer"])
         start_epoch = int(ck["epoch"]) + 1
         history = list(state.get("history", []))
         best_score = float(state.get("best_score", -math.inf))
+        stopped = state.get("stopped")
         if averager is not None and state.get("averager") is not None:
             averager.load_state_dict(state["averager"], model)
         if not quiet and console is not None:
-            console.print(f"resuming {out} from epoch {start_epoch} of {cfg.epochs}")
+            if stopped:
+                console.print(f"resuming {out}: training had stopped after epoch {start_epoch - 1} ({stopped}); "
+                              f"nothing to do")
+            else:
+                console.print(f"resuming {out} from epoch {start_epoch} of {cfg.epochs}")
     elif cfg.resume and not quiet and console is not None:
         console.print(f"--resume: {out} does not exist yet, starting from scratch")
 
     progress = _progress(console, quiet)
     best_out = best_path(out) if select else None
-    x_val = x_val if x_val is not None else ds.x_test
-    y_val = y_val if y_val is not None else ds.y_test
+    x_test = x_val if x_val is not None else ds.x_test
+    y_test = y_val if y_val is not None else ds.y_test
+    guard = _has_guard(method)
+    begin_step = getattr(method, "begin_step", None)  # optional: per-step schedules (eps ramp)
+    epochs_run = 0
     with progress:
         for epoch in range(start_epoch, cfg.epochs + 1):
+            if stopped:
+                break
+            snapshot = _snapshot(model, opt, averager) if guard else None
             model.train()
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout & co: replayed exactly on --resume
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=gen).to(device)
             task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=n, loss=0.0, acc=0.0, ips=0.0)
             t0 = time.perf_counter()
-            sums = {"loss": 0.0, "correct": 0.0, "adv_correct": 0.0, "seen": 0}
-            extra_sums: Dict[str, float] = {}
+            seen, clean_seen = 0, 0
             loss_acc = torch.zeros((), device=device)
             corr_acc = torch.zeros((), device=device)
             adv_acc = torch.zeros((), device=device)
+            extra_sums: Dict[str, torch.Tensor] = {}
             for b in range(steps_per_epoch):
                 idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 xb, yb = x_train[idx], y_train[idx]
@@ -217,7 +375,9 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
                     xb = augment_batch(xb, gen)
                 step = (epoch - 1) * steps_per_epoch + b
                 for g in opt.param_groups:
-                    g["lr"] = lr_at(cfg, step, total_steps)
+                    g["lr"] = lr_at(cfg, step, total_steps, steps_per_epoch)
+                if begin_step is not None:
+                    begin_step(epoch, b, steps_per_epoch)
                 outp = method.loss(model, xb, yb, ids_all[idx], epoch)
                 if not torch.isfinite(outp.loss):
                     raise AdvbenchError(f"training diverged at epoch {epoch} step {b} (loss is {outp.loss.item()}); "
@@ -229,35 +389,73 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
                     averager.update(model, epoch, step)
                 bs = len(yb)
                 loss_acc += outp.loss.detach() * bs
-                corr_acc += (outp.logits.detach().argmax(1) == yb).sum()
+                if outp.logits is not None:
+                    yl = getattr(outp, "clean_y", None)
+                    yl = yb if yl is None else yl
+                    corr_acc += (outp.logits.detach().argmax(1) == yl).sum()
+                    clean_seen += len(yl)
                 if outp.adv_logits is not None:
                     adv_acc += (outp.adv_logits.detach().argmax(1) == yb).sum()
                 for k, v in outp.stats.items():
-                    extra_sums[k] = extra_sums.get(k, 0.0) + float(v) * bs
-                sums["seen"] += bs
+                    v = v.detach().to(device=device, dtype=torch.float64) if torch.is_tensor(v) else float(v)
+                    extra_sums[k] = extra_sums.get(k, 0.0) + v * bs
+                seen += bs
                 if b % 10 == 0 or b == steps_per_epoch - 1:
                     el = time.perf_counter() - t0
-                    progress.update(task, completed=sums["seen"], loss=loss_acc.item() / sums["seen"],
-                                    acc=corr_acc.item() / sums["seen"], ips=sums["seen"] / max(el, 1e-9))
+                    shown = corr_acc.item() / clean_seen if clean_seen else adv_acc.item() / seen
+                    progress.update(task, completed=seen, loss=loss_acc.item() / seen,
+                                    acc=shown, ips=seen / max(el, 1e-9))
             seconds = time.perf_counter() - t0
             progress.remove_task(task)
-            seen = sums["seen"]
             row: Dict[str, Any] = {
                 "epoch": epoch,
                 "lr": opt.param_groups[0]["lr"],
                 "train_loss": loss_acc.item() / seen,
-                "train_acc": corr_acc.item() / seen,
+                "train_acc": corr_acc.item() / clean_seen if clean_seen else float("nan"),
             }
             if method.adversarial:
                 row["train_adv_acc"] = adv_acc.item() / seen
             for k, v in extra_sums.items():
-                row[f"train_{k}"] = v / seen
+                row[f"train_{k}"] = float(v) / seen
             row["seconds"] = seconds
             row["img_per_s"] = seen / max(seconds, 1e-9)
             eval_model = averager.averaged_model(model, x_train) if averager is not None else model
-            row["test_acc"] = accuracy(eval_model, x_val, y_val, cfg.eval_batch_size, device)
+            row["test_acc"] = accuracy(eval_model, x_test, y_test, cfg.eval_batch_size, device)
+            if robust_val is not None:
+                row.update(robust_val(eval_model, x_hold, y_hold))
             if validate is not None:
                 row.update(validate(eval_model, epoch))
+            epochs_run += 1
+
+            collapse = method.check_collapse(history, row) if guard else None
+            if collapse:  # roll back to the end of the previous epoch, record it, stop
+                model.load_state_dict(snapshot["model"])
+                opt.load_state_dict(snapshot["opt"])
+                if averager is not None:
+                    averager.load_state_dict(snapshot["averager"], model)
+                row["rolled_back"] = 1
+                history.append(row)
+                stopped = collapse + f"; rolled back to the weights of epoch {epoch - 1} and stopped"
+                if console is not None and not quiet:
+                    console.print(_epoch_line(row, cfg.epochs))
+                    console.print(stopped, style="bold red", markup=False, highlight=False)
+                _write_metrics(metrics_path(out), history)
+                if epoch > 1:
+                    ck = read_checkpoint(out)  # the previous epoch's, still on disk
+                    ck["extra"]["train_state"].update(history=history, stopped=stopped)
+                    save_checkpoint(out, ck)
+                else:  # nothing worth shipping was trained: keep the initial weights, marked stopped
+                    state0 = {"history": history, "best_score": best_score, "config": asdict(cfg),
+                              "averager": averager.state_dict() if averager is not None else None,
+                              "stopped": stopped}
+                    ck = build_checkpoint(model, dataset=ds.name, defense=_defense_config(method, averager, cfg),
+                                          metrics={}, epoch=0, optimizer=opt.state_dict(),
+                                          extra={"train_state": state0})
+                    save_checkpoint(out, ck)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, row)
+                break
+
             history.append(row)
             improved = False
             if select:
@@ -267,15 +465,16 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
             metrics = {k: v for k, v in row.items() if k != "epoch"}
             train_state = {"history": history, "best_score": best_score,
                            "averager": averager.state_dict() if averager is not None else None,
-                           "config": asdict(cfg)}
-            ck = build_checkpoint(eval_model, dataset=ds.name, defense=method.config(), metrics=metrics, epoch=epoch,
-                                  optimizer=opt.state_dict(), extra={"train_state": train_state})
+                           "config": asdict(cfg), "stopped": None}
+            ck = build_checkpoint(eval_model, dataset=ds.name, defense=_defense_config(method, averager, cfg),
+                                  metrics=metrics, epoch=epoch, optimizer=opt.state_dict(),
+                                  extra={"train_state": train_state})
             if eval_model is not model:  # resume needs the raw weights; the averaged ones are what we ship
                 ck["extra"]["train_state"]["raw_state_dict"] = {k: v.detach().cpu() for k, v in
                                                                  model.state_dict().items()}
             save_checkpoint(out, ck)
             if improved and best_out is not None:
-                save_checkpoint(best_out, {**ck, "optimizer": None, "extra": {}})
+                save_checkpoint(best_out, {**ck, "optimizer": None, "extra": {"best_epoch": epoch}})
             _write_metrics(metrics_path(out), history)
             if console is not None and not quiet:
                 console.print(_epoch_line(row, cfg.epochs))
@@ -283,12 +482,24 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
                 on_epoch_end(epoch, row)
     final = averager.averaged_model(model, x_train) if averager is not None else model
     final.eval()
-    return TrainResult(out=out, epochs_run=cfg.epochs - start_epoch + 1, metrics=history, model=final,
-                       best_out=best_out if best_out is not None and best_out.exists() else None)
+    return TrainResult(out=out, epochs_run=epochs_run, metrics=history, model=final,
+                       best_out=best_out if best_out is not None and best_out.exists() else None,
+                       stopped=stopped)
+
+
+def _defense_config(method, averager, cfg: Optional[TrainConfig] = None) -> Dict[str, Any]:
+    c = dict(method.config())
+    if averager is not None:
+        c.update(averager.config() if hasattr(averager, "config") else {"averaging": type(averager).__name__})
+    if cfg is not None and cfg.smooth_backward:
+        c["smooth_backward"] = cfg.smooth_backward
+    return c
 
 
 def _epoch_line(row: Dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}", f"train acc {row['train_acc']:.2%}"]
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}"]
+    if not math.isnan(row["train_acc"]):
+        parts.append(f"train acc {row['train_acc']:.2%}")
     if "train_adv_acc" in row:
         parts.append(f"train adv acc {row['train_adv_acc']:.2%}")
     parts.append(f"test acc {row['test_acc']:.2%}")
@@ -307,3 +518,223 @@ def _progress(console, quiet: bool):
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[ips]:.0f} img/s"),
         TimeElapsedColumn(), console=Console(stderr=True), transient=True, disable=quiet)
+
+
+# --- `advbench train-robust`: method + validation + training + final evaluation -----------------
+@dataclass
+class RobustTrainOptions:
+    """Everything `advbench train-robust` takes (the CLI is a thin wrapper around this)."""
+
+    model: str = "smallcnn"
+    dataset: str = "mnist-5k"
+    data_dir: Optional[str] = None
+    download: bool = False
+    method: str = "pgd-at"
+    eps: Optional[str] = None            # default: default_eps(dataset)
+    norm: str = "linf"
+    steps: Optional[int] = None
+    alpha: Optional[str] = None
+    beta: Optional[float] = None
+    mix_weight: Optional[float] = None
+    bn_mode: str = "eval"
+    eps_warmup: Optional[int] = None     # None: auto_eps_warmup(epochs)
+    activation: str = "relu"
+    smooth_backward: Optional[str] = None
+    swa_start: Optional[int] = None
+    swa_lr: Optional[float] = None
+    ema: Optional[float] = None
+    val_size: int = 500
+    val_steps: int = 10
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.001
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    augment: bool = False
+    seed: int = 0
+    n_train: Optional[int] = None
+    out: Optional[str] = None
+    results_dir: str = "results"
+    resume: bool = False
+    device: str = "auto"
+    evaluate: bool = True
+    eval_steps: int = 20
+    n_eval: Optional[int] = 1000
+    eval_batch_size: int = 500
+
+
+@dataclass
+class RobustTrainReport:
+    result: TrainResult
+    threat: Any
+    out: Path
+    best_out: Optional[Path]
+    best_epoch: Optional[int]
+    evaluations: Dict[str, Any] = field(default_factory=dict)   # "final" / "best" -> suite.RunRecord
+
+
+def auto_eps_warmup(epochs: int) -> int:
+    """The default eps ramp: 2 epochs when training for 5 or more, else none. (PGD-AT of a small
+    CNN at MNIST's eps = 0.3 can stay at chance level when the first steps already use full eps.)"""
+    return 2 if epochs >= 5 else 0
+
+
+def default_eps(ds) -> float:
+    """0.3 for grey-scale datasets (MNIST-like, Madry et al.), 8/255 for colour ones (CIFAR)."""
+    return 0.3 if ds.in_channels == 1 else 8 / 255
+
+
+def build_method(name: str, threat, *, steps: Optional[int] = None, alpha: Optional[float] = None,
+                 beta: Optional[float] = None, mix_weight: Optional[float] = None, bn_mode: str = "eval",
+                 seed: int = 0, eps_warmup: int = 0):
+    """The training method ``name`` with the command line's settings (an AdvbenchError for a
+    setting the method does not have)."""
+    from defenses import METHODS
+    from defenses.methods import AdversarialMethod, Mix, TRADES
+
+    key = METHODS.canonical(name)
+    factory = METHODS.get(key)
+    given = {"--steps": steps, "--alpha": alpha, "--beta": beta, "--mix-weight": mix_weight}
+    if beta is not None and not (isinstance(factory, type) and issubclass(factory, TRADES)):
+        raise AdvbenchError(f"--beta is TRADES' weight; method {key!r} has none")
+    if mix_weight is not None and not (isinstance(factory, type) and issubclass(factory, Mix)):
+        raise AdvbenchError(f"--mix-weight belongs to method 'mix', not {key!r}")
+    if not (isinstance(factory, type) and issubclass(factory, AdversarialMethod)):
+        bad = [k for k, v in given.items() if v is not None] + (["--eps-warmup"] if eps_warmup else [])
+        if bad and key == "standard":
+            raise AdvbenchError(f"method 'standard' has no inner attack: {', '.join(bad)} does not apply")
+        try:
+            return factory() if key == "standard" else factory(threat=threat, seed=seed)
+        except TypeError as exc:
+            raise AdvbenchError(f"method {key!r} cannot be built with these options ({exc})") from None
+    kw: Dict[str, Any] = dict(steps=steps, alpha=alpha, bn_mode=bn_mode, seed=seed, eps_warmup=eps_warmup)
+    if beta is not None:
+        kw["beta"] = beta
+    if mix_weight is not None:
+        kw["weight"] = mix_weight
+    return factory(threat, **kw)
+
+
+def robust_out_path(opts: RobustTrainOptions, method_name: str) -> Path:
+    """Default checkpoint: <results>/models/MODEL-DATASET-METHOD[-swa|-ema][-ACT].pt."""
+    from .zoo import zoo_path
+
+    tag = method_name + ("-swa" if opts.swa_start is not None else "") + ("-ema" if opts.ema is not None else "")
+    act = opts.activation if not opts.smooth_backward else f"relu-sb-{opts.smooth_backward}"
+    return zoo_path(opts.model, opts.dataset, tag, opts.results_dir, act)
+
+
+def evaluate_and_record(checkpoint, threat, *, steps: int = 20, n_examples: Optional[int] = 1000,
+                        dataset: Optional[str] = None, data_dir: Optional[str] = None, download: bool = False,
+                        batch_size: int = 500, device: str = "auto", seed: int = 0, results_dir: str = "results",
+                        flags=(), console=None, quiet: bool = False):
+    """PGD-``steps`` evaluation of a checkpoint on the test split, recorded in the leaderboard with
+    the checkpoint's defense and activation (one evaluator run: robustbench_lite.suite)."""
+    from .evaluator import AttackSpec
+    from .suite import RunSpec, execute_run
+
+    spec = RunSpec(checkpoint=str(checkpoint), dataset=dataset, threats=[threat],
+                   attacks=[AttackSpec("pgd", {"steps": int(steps)}, "pgd")], n_examples=n_examples,
+                   batch_size=batch_size, device=device, seed=seed, results_dir=results_dir, data_dir=data_dir,
+                   download=download, source="advbench train-robust", flags=list(flags))
+    return execute_run(spec, console=console, quiet=quiet)
+
+
+def run_robust_training(opts: RobustTrainOptions, console=None, quiet: bool = False) -> RobustTrainReport:
+    from defenses import METHODS
+
+    from .data import load_dataset
+    from .models import MODELS, activation_factory
+    from .threat import ThreatModel, check_norm, format_eps, parse_eps
+
+    # cheap checks first: names, numbers
+    MODELS.canonical(opts.model)
+    method_name = METHODS.canonical(opts.method)
+    activation_factory(opts.activation, opts.smooth_backward)
+    norm = check_norm(opts.norm)
+    check_positive("--val-steps", opts.val_steps)
+    check_positive("--eval-steps", opts.eval_steps)
+    if opts.n_eval is not None:
+        check_positive("--n-eval", opts.n_eval)
+    alpha = parse_eps(opts.alpha) if opts.alpha is not None else None
+    if opts.eps is not None:
+        parse_eps(opts.eps, norm)
+    ds = load_dataset(opts.dataset, data_dir=opts.data_dir, download=opts.download)
+    threat = ThreatModel.parse(norm, opts.eps if opts.eps is not None else default_eps(ds))
+    from defenses.methods import AdversarialMethod
+
+    warmup = opts.eps_warmup
+    if warmup is None:
+        adversarial = isinstance(METHODS.get(method_name), type) and issubclass(METHODS.get(method_name),
+                                                                                  AdversarialMethod)
+        warmup = auto_eps_warmup(opts.epochs) if adversarial else 0
+    method = build_method(method_name, threat, steps=opts.steps, alpha=alpha, beta=opts.beta,
+                          mix_weight=opts.mix_weight, bn_mode=opts.bn_mode, seed=opts.seed,
+                          eps_warmup=warmup)
+    out = Path(opts.out) if opts.out else robust_out_path(opts, method_name)
+    cfg = TrainConfig(model=opts.model, dataset=opts.dataset, epochs=opts.epochs, batch_size=opts.batch_size,
+                      lr=opts.lr, optimizer=opts.optimizer, schedule=opts.schedule, weight_decay=opts.weight_decay,
+                      augment=opts.augment, seed=opts.seed, activation=opts.activation,
+                      smooth_backward=opts.smooth_backward, out=str(out), resume=opts.resume, device=opts.device,
+                      n_train=opts.n_train, val_size=opts.val_size, swa_start=opts.swa_start, swa_lr=opts.swa_lr,
+                      ema=opts.ema)
+    cfg.validate()
+    robust_val = RobustValidation(threat, steps=opts.val_steps, seed=opts.seed) if opts.val_size else None
+    say = console.print if (console is not None and not quiet) else (lambda *a, **k: None)
+    act = opts.activation + (f" (smooth backward: {opts.smooth_backward})" if opts.smooth_backward else "")
+    inner = getattr(method, "attack_for", None)
+    inner_desc = ""
+    if inner is not None:
+        a = inner(cfg.epochs)
+        inner_desc = (f", inner {a.name} {a.steps} step{'s' if a.steps > 1 else ''} of {a.alpha:.4g}"
+                      f"{' from a random start' if a.random_start else ''}, BatchNorm {method.bn_mode}"
+                      + (f", eps ramped over {method.eps_warmup} epochs" if method.eps_warmup else ""))
+    say(f"{method_name} training of {opts.model} ({act}) on {ds.name}, {threat}{inner_desc}; "
+        f"{cfg.epochs} epochs; validation: "
+        + (f"PGD-{opts.val_steps} on {opts.val_size} held-out training images" if robust_val else "none")
+        + f" -> {out}", markup=False, highlight=False)
+    if robust_val is None:
+        say("--val-size 0: no held-out validation, so no best-epoch checkpoint (robust early stopping is off)")
+    res = train(cfg, method, dataset=ds, console=console, quiet=quiet, robust_val=robust_val)
+
+    best_epoch = None
+    if res.best_out is not None:
+        best_epoch = (read_checkpoint(res.best_out).get("extra") or {}).get("best_epoch")
+    report = RobustTrainReport(res, threat, out, res.best_out, best_epoch)
+    kept = [r for r in res.metrics if not r.get("rolled_back")]
+    if kept:
+        last = kept[-1]
+        msg = f"last epoch {last['epoch']}: test acc {last['test_acc']:.2%}"
+        if "val_pgd_acc" in last:
+            msg += f", validation PGD-{opts.val_steps} acc {last['val_pgd_acc']:.2%}"
+        say(msg + f" -> {out}", markup=False, highlight=False)
+        if best_epoch is not None:
+            brow = next((r for r in kept if r["epoch"] == best_epoch), None)
+            if brow is not None:
+                say(f"best epoch {best_epoch} by validation PGD accuracy ({brow['val_pgd_acc']:.2%}) -> "
+                    f"{res.best_out}", markup=False, highlight=False)
+    if res.stopped:
+        say(f"stopped early: {res.stopped}", markup=False, highlight=False)
+    if not opts.evaluate:
+        return report
+    if res.epochs_run == 0:
+        say("nothing was trained in this invocation: not evaluating again (see `advbench leaderboard`, or "
+            f"`advbench attack --checkpoint {out} --eps {format_eps(threat.eps)}`)", markup=False, highlight=False)
+        return report
+    if int(read_checkpoint(out).get("epoch", 0)) < 1:
+        say("no epoch was kept (collapse in the first epoch): nothing to evaluate", markup=False, highlight=False)
+        return report
+    targets = [("final", out)] + ([("best", res.best_out)] if res.best_out is not None else [])
+    for label, path in targets:
+        record = evaluate_and_record(path, threat, steps=opts.eval_steps, n_examples=opts.n_eval,
+                                     dataset=opts.dataset, data_dir=opts.data_dir, download=opts.download,
+                                     batch_size=opts.eval_batch_size, device=opts.device, seed=opts.seed,
+                                     results_dir=opts.results_dir, flags=[f"train-robust:{label}"],
+                                     console=console, quiet=quiet)
+        report.evaluations[label] = record
+        r = record.result
+        say(f"{label} model ({path}): clean {r.clean_acc:.2%}, PGD-{opts.eval_steps} "
+            f"{r.threats[0].robust_acc('pgd'):.2%} on {r.n_total} test images "
+            f"(leaderboard run {record.run_id})", markup=False, highlight=False)
+    return report

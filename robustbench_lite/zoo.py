@@ -5,6 +5,7 @@ trains a standard baseline first (and says so)."""
 from __future__ import annotations
 
 import re
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -37,18 +38,44 @@ def baseline_config(model: str, dataset: str, out: Path, seed: int = 0, device: 
     return TrainConfig(model=model, dataset=dataset, out=str(out), seed=seed, device=device, **budget)
 
 
+def interrupted_config(ckpt) -> Optional[TrainConfig]:
+    """The training configuration of a checkpoint whose training was interrupted (killed before its
+    last epoch: the loop writes the checkpoint after every epoch), else None."""
+    state = (ckpt.get("extra") or {}).get("train_state") or {}
+    stored = state.get("config")
+    if not isinstance(stored, dict) or state.get("stopped"):
+        return None
+    epochs = stored.get("epochs")
+    if not isinstance(epochs, int) or int(ckpt.get("epoch") or 0) >= epochs:
+        return None
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in stored.items() if k in known})
+
+
 def get_or_train(model: str, dataset: str, results_dir: str = "results", seed: int = 0, device: str = "cpu",
                  console=None, quiet: bool = False, data_dir: Optional[str] = None, download: bool = False):
-    """Return (model, checkpoint path, trained_now)."""
-    from .checkpoint import model_from_checkpoint
+    """Return (model, checkpoint path, trained_now).
+
+    A zoo checkpoint left by an interrupted baseline training (e.g. `advbench attack` killed while
+    it trained the baseline) is not used as it is: its training is resumed to the end first."""
+    from .checkpoint import model_from_checkpoint, read_checkpoint
     from .data import load_dataset
     from .training import train
 
     ds = load_dataset(dataset, data_dir=data_dir, download=download)
     path = zoo_path(model, dataset, "standard", results_dir)
     if path.is_file():
-        net, _ = model_from_checkpoint(path, model, ds)
-        return net, path, False
+        ck = read_checkpoint(path)
+        unfinished = interrupted_config(ck)
+        if unfinished is None:
+            net, _ = model_from_checkpoint(path, model, ds)
+            return net, path, False
+        cfg = replace(unfinished, out=str(path), resume=True, device=device)
+        if console is not None:
+            console.print(f"zoo checkpoint {path} is from an interrupted training (epoch {ck.get('epoch')} of "
+                          f"{cfg.epochs}): resuming it first", markup=False, highlight=False)
+        res = train(cfg, dataset=ds, console=console, quiet=quiet)
+        return res.model, path, True
     cfg = baseline_config(model, dataset, path, seed=seed, device=device)
     if console is not None:
         console.print(f"no zoo checkpoint {path}: training a standard {model} baseline on {ds.name} first "
