@@ -11,6 +11,7 @@ A plain state_dict also loads when the caller names the model.
 from __future__ import annotations
 
 import hashlib
+import math
 import pickle
 import warnings
 from pathlib import Path
@@ -62,6 +63,20 @@ def file_sha256(path, short: bool = True) -> str:
     return h.hexdigest()[:12] if short else h.hexdigest()
 
 
+def _unpickling_reason(text: str) -> str:
+    """The informative line of torch's weights_only error (it opens with a generic paragraph about
+    the weights_only default; the reason follows "WeightsUnpickler error:")."""
+    lines = [ln.strip() for ln in text.strip().splitlines()]
+    marker = "WeightsUnpickler error:"
+    for i, ln in enumerate(lines):
+        if marker in ln:
+            rest = ln.split(marker, 1)[1].strip()
+            if rest:
+                return rest
+            return next((nxt for nxt in lines[i + 1:] if nxt), ln)
+    return lines[0] if lines else ""
+
+
 def read_checkpoint(path) -> Dict[str, Any]:
     """Load a checkpoint file safely; any failure is an AdvbenchError naming the file."""
     p = Path(path)
@@ -72,7 +87,7 @@ def read_checkpoint(path) -> Dict[str, Any]:
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": we report the outcome
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = _unpickling_reason(str(exc))
         if "GLOBAL" in str(exc):  # weights_only refused to import a callable: a code payload
             raise AdvbenchError(f"checkpoint {p} was refused: it contains Python objects that would run code "
                                 f"when loaded (only tensors and plain data are accepted)") from None
@@ -83,12 +98,52 @@ def read_checkpoint(path) -> Dict[str, Any]:
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if not isinstance(obj.get("state_dict"), dict):
             raise AdvbenchError(f"checkpoint {p} has no state_dict")
+        _check_fields(obj, p)
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"format": None, "state_dict": obj}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # e.g. other tools' {"state_dict": ...}
+        _check_state_dict(obj["state_dict"], p)
         return {"format": None, "state_dict": obj["state_dict"]}
     raise AdvbenchError(f"checkpoint {p} is neither an advbench checkpoint nor a state_dict")
+
+
+def _check_state_dict(sd: Dict[Any, Any], p: Path) -> None:
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise AdvbenchError(f"checkpoint {p} is corrupt: state_dict entry {k!r} is not a named tensor")
+
+
+def _check_fields(ck: Dict[str, Any], p: Path) -> None:
+    """The fields the code relies on have the right types (a damaged or hand-made file is an
+    AdvbenchError naming the field, not a KeyError / TypeError later)."""
+
+    def bad(what: str) -> AdvbenchError:
+        return AdvbenchError(f"checkpoint {p} is corrupt: {what}")
+
+    if not isinstance(ck.get("model"), str) or not ck["model"].strip():
+        raise bad("it names no model")
+    if not isinstance(ck.get("model_kwargs", {}), dict):
+        raise bad("model_kwargs is not a mapping")
+    norm = ck.get("normalization")
+    for key in ("mean", "std"):
+        vals = norm.get(key) if isinstance(norm, dict) else None
+        if not (isinstance(vals, (list, tuple)) and vals and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals)):
+            raise bad(f"normalization.{key} is not a list of numbers")
+    if any(v <= 0 for v in norm["std"]):
+        raise bad("normalization.std must be > 0")
+    if ck.get("dataset") is not None and not isinstance(ck["dataset"], str):
+        raise bad("dataset is not a name")
+    if isinstance(ck.get("epoch", 0), bool) or not isinstance(ck.get("epoch", 0), int):
+        raise bad("epoch is not an integer")
+    for key in ("extra", "metrics"):
+        if ck.get(key) is not None and not isinstance(ck[key], dict):
+            raise bad(f"{key} is not a mapping")
+    state = (ck.get("extra") or {}).get("train_state")
+    if state is not None and not isinstance(state, dict):
+        raise bad("extra.train_state is not a mapping")
+    _check_state_dict(ck["state_dict"], p)
 
 
 def load_state(model, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -131,9 +186,16 @@ def model_from_checkpoint(path, model_name: Optional[str] = None, dataset=None):
     if ckpt["format"] == FORMAT:
         if model_name and model_name.lower() != str(ckpt["model"]).lower():
             raise AdvbenchError(f"checkpoint {path} holds model {ckpt['model']!r}, not {model_name!r}")
-        kw = dict(ckpt["model_kwargs"])
-        model = create_model(ckpt["model"], mean=ckpt["normalization"]["mean"], std=ckpt["normalization"]["std"],
-                             **kw)
+        kw = dict(ckpt.get("model_kwargs") or {})
+        try:
+            model = create_model(ckpt["model"], mean=ckpt["normalization"]["mean"],
+                                 std=ckpt["normalization"]["std"], **kw)
+        except AdvbenchError as exc:  # e.g. an unknown model or activation: say where it came from
+            raise AdvbenchError(f"checkpoint {path}: {exc}") from None
+        except (TypeError, ValueError, RuntimeError) as exc:  # settings this code cannot build a model from
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise AdvbenchError(f"checkpoint {path}: cannot build model {ckpt['model']!r} from its settings "
+                                f"({first})") from None
         if dataset is not None:
             c, h, _ = dataset.input_shape
             if (kw.get("in_channels"), kw.get("input_size")) != (c, h):

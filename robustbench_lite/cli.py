@@ -243,7 +243,11 @@ def attack_cmd(
                                              "(trained and cached when missing)."),
     eps: str = typer.Option(..., "--eps", help="Budget in pixel units (8/255, 0.3), or a sweep: 2/255,4/255,8/255."),
     norm: str = typer.Option("linf", "--norm", help="linf or l2."),
-    attack: str = typer.Option("fgsm,bim,pgd", "--attack", "-a", help="Comma-separated attacks."),
+    attack: Optional[str] = typer.Option(None, "--attack", "-a",
+                                         help="Comma-separated attacks (default fgsm,bim,pgd)."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="A named attack list instead of --attack: standard "
+                                                             "(apgd-ce + apgd-t, 100 iterations: AutoAttack-style "
+                                                             "worst case) or quick (fgsm + pgd-20)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps of the iterative attacks (bim, pgd)."),
     alpha: Optional[str] = typer.Option(None, "--alpha", help="Step size of the iterative attacks (e.g. 2/255)."),
     restarts: Optional[int] = typer.Option(None, "--restarts", help="Random restarts of pgd."),
@@ -263,18 +267,32 @@ def attack_cmd(
                                                           "(gradients and losses stay float32)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory format (faster convs on GPU)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (dynamic shapes)."),
+    masking_checks: bool = typer.Option(True, "--masking-checks/--no-masking-checks",
+                                        help="Gradient-masking sanity checks after the evaluation (a quick extra "
+                                             "PGD/FGSM on <= 100 samples); warnings go to the terminal, "
+                                             "summary.json and the leaderboard's flags."),
 ):
     """Accuracy under FGSM / BIM / PGD: clean, per attack, worst case; recorded in the leaderboard."""
     from .evaluator import resolve_threats
     from .runtime import check_amp
-    from .suite import RunSpec, cli_attack_specs, execute_run
+    from .suite import RunSpec, cli_attack_specs, execute_run, suite_attack_specs
 
     threats = resolve_threats(eps=eps, norm=norm)
-    specs = cli_attack_specs(attack, steps=steps, alpha=alpha, restarts=restarts, loss=loss, amp=check_amp(amp))
+    if suite is not None:
+        clash = [o for o, v in (("--attack", attack), ("--steps", steps), ("--alpha", alpha),
+                                ("--restarts", restarts), ("--loss", loss)) if v is not None]
+        if clash:
+            raise AdvbenchError(f"--suite {suite} and {', '.join(clash)} conflict: a suite fixes its attacks and "
+                                f"their settings (drop --suite to choose attacks yourself)")
+        specs = suite_attack_specs(suite, amp=check_amp(amp))
+    else:
+        specs = cli_attack_specs(attack or "fgsm,bim,pgd", steps=steps, alpha=alpha, restarts=restarts, loss=loss,
+                                 amp=check_amp(amp))
     spec = RunSpec(model=model, checkpoint=checkpoint, dataset=dataset, threats=threats, attacks=specs,
                    n_examples=n_examples, batch_size=batch_size, device=device, seed=seed, results_dir=results_dir,
                    data_dir=data_dir, download=download, amp=check_amp(amp), channels_last=channels_last,
-                   compile=compile)
+                   compile=compile, flags=[f"attack-suite={suite.strip().lower()}"] if suite else [],
+                   masking_checks=masking_checks)
     out = err_console if json_out else console
     record = execute_run(spec, console=out, progress_console=err_console)
     if not record.run_id:  # a DDP rank other than 0: rank 0 reports
@@ -301,7 +319,12 @@ def leaderboard_cmd(
     if fmt not in ("md", "csv", "json"):
         raise AdvbenchError(f"invalid --format {fmt!r}: expected md, csv or json")
     eps_v = parse_eps(eps) if eps is not None else None
-    df = lb.filter_rows(lb.read(results_dir), dataset=dataset, norm=norm, eps=eps_v)
+    full = lb.read(results_dir)
+    if dataset and not (full["dataset"].str.lower() == dataset.strip().lower()).any():
+        from .data import DATASETS
+
+        DATASETS.canonical(dataset)  # a typo is an unknown dataset (with a suggestion), not "no results"
+    df = lb.filter_rows(full, dataset=dataset, norm=norm, eps=eps_v)
     if df.empty:
         if fmt == "json":
             typer.echo("[]")
@@ -349,6 +372,34 @@ def run_cmd(
             _report_run(record, out)
     if json_out:
         _print_json({"suite": s.name, "runs": [rec.summary() for rec in records]})
+
+
+@app.command("report")
+def report_cmd(
+    run_id: str = typer.Argument(..., help="Run id (a unique prefix is enough), see results/runs/."),
+    results_dir: str = typer.Option("results", "--results-dir"),
+    training_csv: Optional[str] = typer.Option(None, "--training-csv",
+                                               help="Training metrics CSV for the training curves (default: the "
+                                                    "checkpoint's .metrics.csv when present)."),
+    robustbench_json: Optional[str] = typer.Option(None, "--robustbench-json",
+                                                   help="Also write the RobustBench-style JSON here (it is always "
+                                                        "written as robustbench.json in the run folder)."),
+    n_images: int = typer.Option(8, "--n-images", help="Samples in the example grid (the strongest attack is re-run "
+                                                       "on them)."),
+    device: str = typer.Option("cpu", "--device", help="Where to re-run the attack for the examples."),
+):
+    """Write report.md, PNG plots (robustness curve, adversarial examples, training curves) and
+    robustbench.json into the run folder."""
+    from .report import write_report
+    from .runtime import check_positive, resolve_device
+
+    check_positive("--n-images", n_images)
+    out = write_report(run_id, results_dir, training_csv=training_csv, robustbench_json=robustbench_json,
+                       n_images=n_images, device=str(resolve_device(device)))
+    for note in out["notes"]:
+        err_console.print(f"[yellow]warning: {note}[/yellow]", highlight=False)
+    for f in out["files"]:
+        console.print(f"wrote {f}", markup=False, highlight=False)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

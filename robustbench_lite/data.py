@@ -77,13 +77,14 @@ class Dataset:
         return x[ids], y[ids], ids
 
 
-def check_n_examples(n: int, total: int, what: str) -> None:
+def check_n_examples(n: int, total: int, what: str, option: str = "--n-examples") -> None:
+    """``option`` names the setting in the message (e.g. ``--n-train`` for a training subset)."""
     if n is None:
         return
     if n < 1:
-        raise AdvbenchError(f"--n-examples must be >= 1 (got {n})")
+        raise AdvbenchError(f"{option} must be >= 1 (got {n})")
     if n > total:
-        raise AdvbenchError(f"--n-examples {n} is larger than {what} ({total} examples)")
+        raise AdvbenchError(f"{option} {n} is larger than {what} ({total} examples)")
 
 
 def channel_stats(x: torch.Tensor) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

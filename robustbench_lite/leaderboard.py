@@ -165,13 +165,41 @@ def read(results_dir):
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise AdvbenchError(f"{path} is corrupt: missing columns {', '.join(missing)}")
+    _check_complete_rows(path)
     for col in NUMERIC:
         vals = pd.to_numeric(df[col], errors="coerce")
         bad = vals.isna()
         if bool(bad.any()):
             i = int(bad.to_numpy().nonzero()[0][0])
             raise AdvbenchError(f"{path} is corrupt: row {i + 2} has {col}={df[col].iloc[i]!r} (not a number)")
+    _check_complete_rows(path, final_newline=True)
     return df
+
+
+def _check_complete_rows(path: Path, final_newline: bool = False) -> None:
+    """pandas pads a short row with empty fields; a row cut short (a truncated file) is corruption:
+    every record must have the header's number of fields (and, with ``final_newline``, the file
+    must end with a newline: its last row is complete)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdvbenchError(f"cannot read {path}: {exc}") from None
+    if not text:
+        return
+    incomplete = AdvbenchError(f"{path} is corrupt: its last row is incomplete (the file does not end with a "
+                               f"newline; truncated?); fix or move it away")
+    if final_newline:
+        if not text.endswith("\n"):
+            raise incomplete
+        return
+    records = list(csv.reader(io.StringIO(text)))
+    width = len(records[0])
+    for i, rec in enumerate(records[1:], start=2):
+        if rec and len(rec) != width:
+            if i == len(records) and not text.endswith("\n"):
+                raise incomplete
+            raise AdvbenchError(f"{path} is corrupt: record {i} has {len(rec)} fields, the header has {width} "
+                                f"(truncated?); fix or move it away")
 
 
 def append(results_dir, rows: Iterable[Mapping[str, Any]]) -> Path:

@@ -23,7 +23,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     raise AdvbenchError(f"invalid --device {device!r}: expected auto, cpu or cuda")
 
 
+SEED_MAX = 2 ** 32 - 1
+
+
+def check_seed(seed: int, name: str = "--seed") -> int:
+    """Seeds are integers in [0, 2**32 - 1] (torch and numpy overflow on larger ones)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise AdvbenchError(f"{name} must be an integer between 0 and {SEED_MAX} (got {seed!r})")
+    return seed
+
+
 def seed_everything(seed: int) -> None:
+    check_seed(seed)
     random.seed(seed)
     torch.manual_seed(seed)
     try:

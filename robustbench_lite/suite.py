@@ -62,6 +62,7 @@ class RunSpec:
     compile: bool = False                   # torch.compile the model
     source: str = "advbench attack"         # what started the run (recorded in config.yaml)
     flags: List[str] = field(default_factory=list)
+    masking_checks: bool = True             # gradient-masking checks after the evaluation (masking.py)
 
 
 @dataclass
@@ -72,7 +73,8 @@ class RunRecord:
     info: Dict[str, Any]
 
     def summary(self) -> Dict[str, Any]:
-        keep = ("model", "checkpoint", "checkpoint_sha256", "dataset", "defense", "activation", "version")
+        keep = ("model", "checkpoint", "checkpoint_sha256", "dataset", "defense", "activation", "version",
+                "warnings")
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), **{k: self.info.get(k) for k in keep},
                 **self.result.summary()}
 
@@ -87,7 +89,7 @@ def cli_attack_specs(names: str, steps: Optional[int] = None, alpha: Optional[st
     from attacks.engine import BASE_DEFAULTS
 
     specs = parse_attack_specs(names)
-    alpha_v = parse_eps(alpha) if alpha is not None else None
+    alpha_v = parse_eps(alpha, what="--alpha") if alpha is not None else None
     out, used = [], {"--steps": False, "--alpha": False, "--restarts": False}
     for s in specs:
         d = {**BASE_DEFAULTS, **getattr(attacks.ATTACKS.get(s.name), "defaults", {})}
@@ -112,11 +114,40 @@ def cli_attack_specs(names: str, steps: Optional[int] = None, alpha: Optional[st
     return out
 
 
+# Named attack lists for `advbench attack --suite NAME`.
+#   standard: APGD-CE + APGD-T (100 iterations each, 9 target classes): a fast AutoAttack-style
+#             worst case (Croce & Hein, ICML 2020; AutoAttack without FAB-T and Square).
+#   quick:    FGSM + PGD-20: a cheap sanity check.
+ATTACK_SUITES: Dict[str, List[Dict[str, Any]]] = {
+    "standard": [{"name": "apgd-ce", "steps": 100, "label": "apgd-ce"},
+                 {"name": "apgd-t", "steps": 100, "n_target_classes": 9, "label": "apgd-t"}],
+    "quick": [{"name": "fgsm", "label": "fgsm"}, {"name": "pgd", "steps": 20, "label": "pgd-20"}],
+}
+
+
+def suite_attack_specs(name: str, amp: Optional[str] = None) -> List[AttackSpec]:
+    """The attack specs of a named attack suite (ATTACK_SUITES); ``amp`` goes to every attack."""
+    key = str(name).strip().lower()
+    if key not in ATTACK_SUITES:
+        close = difflib.get_close_matches(key, list(ATTACK_SUITES), n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise AdvbenchError(f"unknown attack suite {name!r}{hint}: expected one of {', '.join(ATTACK_SUITES)}")
+    specs = []
+    for item in ATTACK_SUITES[key]:
+        d = dict(item)
+        label = d.pop("label")
+        if amp is not None:
+            d["amp"] = amp
+        specs.append(AttackSpec(d.pop("name"), d, label))
+    return parse_attack_specs(specs)
+
+
 def validate_run(spec: RunSpec) -> None:
     """Cheap checks before any data loading or training (names, attacks x threats, device)."""
     from .models import MODELS
-    from .runtime import check_positive, resolve_device
+    from .runtime import check_positive, check_seed, resolve_device
 
+    check_seed(spec.seed)
     if not spec.model and not spec.checkpoint:
         raise AdvbenchError("give --model (the zoo baseline is used) or --checkpoint")
     if spec.model:
@@ -192,6 +223,7 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
 
     validate_run(spec)
     ensure_dir(spec.results_dir)  # an unwritable results dir fails before any work
+    leaderboard.read(spec.results_dir)  # so does a corrupt leaderboard (the append would refuse it)
     device = resolve_device(spec.device)
     ctx = distributed.init(device)  # under torchrun: one process per device, each attacks its shard
     device = distributed.local_device(device)
@@ -230,11 +262,20 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
         result = EvalResult.merge(distributed.all_gather_objects(result))
     if not ctx.is_main:
         return RunRecord("", Path(spec.results_dir), result, info)  # only rank 0 writes
+    masking_warnings = []
+    if spec.masking_checks:
+        from . import masking
+
+        masking_warnings = masking.check_run(model, x, y, ids, result, device=device, seed=spec.seed)
+        if console is not None and not quiet:
+            for w in masking_warnings:
+                console.print(f"[yellow]warning: {escape(w.message)}[/yellow]", highlight=False)
     if ctx.enabled:
         info["flags"].append(f"ddp={ctx.world_size}")
     amps = sorted({str(a.params.get("amp")) for a in spec.attacks if a.params.get("amp")})
     fast = (["channels_last"] if spec.channels_last else []) + (["compile"] if spec.compile else [])
     flags = info.pop("flags") + list(spec.flags) + [f"amp={a}" for a in amps] + fast + leaderboard.environment_flags()
+    flags += sorted({w.flag for w in masking_warnings})
     run_id, run_dir = leaderboard.create_run_dir(spec.results_dir)
     info.update(run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                 device=str(device), seed=spec.seed, version=leaderboard.version(), flags=";".join(flags))
@@ -248,11 +289,20 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
         "attacks": [{"label": a.label, "name": a.name, "params": dict(a.params),
                      "resolved": result.threats[0].attacks[a.label].config} for a in spec.attacks],
     }
+    info["warnings"] = [w.message for w in masking_warnings]
     record = RunRecord(run_id, run_dir, result, info)
     summary = record.summary()
     summary["checkpoint_metrics"] = info.get("checkpoint_metrics", {})
-    leaderboard.write_run_files(run_dir, config, summary, result.outcome_rows())
-    leaderboard.append(spec.results_dir, leaderboard.result_rows(result, info))
+    summary["flags"] = flags
+    summary["masking"] = {"checked": spec.masking_checks, "warnings": [w.to_dict() for w in masking_warnings]}
+    try:
+        leaderboard.write_run_files(run_dir, config, summary, result.outcome_rows())
+        leaderboard.append(spec.results_dir, leaderboard.result_rows(result, info))
+    except AdvbenchError:  # not recorded: leave no run folder that the leaderboard does not know
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return record
 
 
@@ -454,6 +504,10 @@ def load_suite(path) -> Suite:
     for key in ("n_examples", "batch_size"):
         if key in settings and settings[key] < 1:
             raise err(loc.child(key).line, f"{key} must be >= 1 (got {settings[key]})")
+    if "seed" in settings:
+        from .runtime import check_seed
+
+        _wrap(lambda: check_seed(settings["seed"], "seed"), where, loc.child("seed").line)
     if "n_examples" in data and data["n_examples"] is None:
         settings["n_examples"] = None
     if "dataset" in settings:

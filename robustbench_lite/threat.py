@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import List, Optional, Union
 
 import torch
@@ -17,36 +16,42 @@ from . import rng
 from .errors import AdvbenchError
 
 NORMS = ("linf", "l2")
-TOLERANCE = 1e-6  # ||x_adv - x|| <= eps + TOLERANCE is what every attack must satisfy
+TOLERANCE = 1e-6  # ||x_adv - x|| <= eps + TOLERANCE * max(1, eps) is what every attack must satisfy
+# (relative for eps > 1: a float32 L2 norm of a projected perturbation is only exact to ~1e-7 * eps)
 _EPS_HINT = "expected a non-negative number or fraction such as 8/255, 0.03 or .5"
 
 
-def parse_eps(text: Union[str, float, int], norm: Optional[str] = None) -> float:
+def parse_eps(text: Union[str, float, int], norm: Optional[str] = None, what: str = "eps") -> float:
     """Parse an eps written as a number or a fraction: ``8/255``, ``0.3``, ``.5``.
 
-    The one parser of the project; every error is an AdvbenchError naming the bad text."""
+    The one parser of the project; every error is an AdvbenchError naming the bad text (and
+    ``what`` was being parsed: eps, or e.g. ``--alpha`` for a step size in the same units)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, shown = float(text), repr(text)
+        shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:37] + "..."
+        try:
+            value = float(text)
+        except OverflowError:  # an int too large for a float (e.g. a 400-digit YAML integer)
+            raise AdvbenchError(f"invalid {what} {shown}: must be a finite number") from None
     else:
         s = str(text).strip()
         shown = repr(str(text))
         if not s:
-            raise AdvbenchError(f"invalid eps {shown}: empty; {_EPS_HINT}")
+            raise AdvbenchError(f"invalid {what} {shown}: empty; {_EPS_HINT}")
         try:
             if "/" in s:
                 num, den = s.split("/", 1)
                 fnum, fden = float(num), float(den)
                 if fden == 0:
-                    raise AdvbenchError(f"invalid eps {shown}: division by zero")
+                    raise AdvbenchError(f"invalid {what} {shown}: division by zero")
                 value = fnum / fden
             else:
                 value = float(s)
         except ValueError:
-            raise AdvbenchError(f"invalid eps {shown}: {_EPS_HINT}") from None
+            raise AdvbenchError(f"invalid {what} {shown}: {_EPS_HINT}") from None
     if math.isnan(value) or math.isinf(value):
-        raise AdvbenchError(f"invalid eps {shown}: must be a finite number")
+        raise AdvbenchError(f"invalid {what} {shown}: must be a finite number")
     if value < 0:
-        raise AdvbenchError(f"invalid eps {shown}: must be >= 0")
+        raise AdvbenchError(f"invalid {what} {shown}: must be >= 0")
     if norm is not None:
         norm = check_norm(norm)
         if norm == "linf" and value > 1:
@@ -68,11 +73,15 @@ def parse_eps_list(text: str, norm: Optional[str] = None) -> List[float]:
 
 
 def format_eps(eps: float) -> str:
-    """Short human form: 0.0313725 -> '8/255', 0.3 -> '0.3'."""
-    frac = Fraction(eps).limit_denominator(255)
-    if frac.denominator == 255 and abs(float(frac) - eps) < 1e-9:
-        return f"{frac.numerator}/255"
-    return f"{eps:g}"
+    """Short human form: 0.0313725 -> '8/255', 0.2470588 -> '63/255', 0.3 -> '0.3' (a decimal whenever
+    '%g' is exact, else k/255 when eps is one, else '%g')."""
+    short = f"{eps:g}"
+    if float(short) == eps:
+        return short
+    k = round(eps * 255)
+    if abs(k / 255 - eps) <= 1e-12:  # k/255 even when k shares a factor with 255 (63/255 = 21/85)
+        return f"{k}/255"
+    return short
 
 
 def check_norm(norm: str) -> str:
@@ -179,7 +188,12 @@ class ThreatModel:
         d = self.distance(x_adv, x)
         flat = x_adv.detach().flatten(1)
         bad_box = (flat < 0).any(1) | (flat > 1).any(1) | ~torch.isfinite(flat).all(1)
-        return (d > self.eps + TOLERANCE) | bad_box | ~torch.isfinite(d)
+        return (d > self.eps + self.tolerance) | bad_box | ~torch.isfinite(d)
+
+    @property
+    def tolerance(self) -> float:
+        """Float slack of the ball check: TOLERANCE, relative for eps > 1."""
+        return TOLERANCE * max(1.0, self.eps)
 
     def label(self) -> str:
         return f"{self.norm} eps={format_eps(self.eps)}"
