@@ -202,7 +202,8 @@ def split_train_val(n: int, val_size: int = 0, n_train: Optional[int] = None, se
         val_ids = torch.zeros(0, dtype=torch.int64)
         pool = torch.arange(n)
     if n_train is not None:
-        check_n_examples(n_train, len(pool), "the training examples" + (" left after --val-size" if val_size else ""))
+        check_n_examples(n_train, len(pool), "the training examples" + (" left after --val-size" if val_size else ""),
+                         option="--n-train")
         if n_train < len(pool):
             g = torch.Generator().manual_seed(int(seed))
             pool = pool[torch.randperm(len(pool), generator=g)[:n_train].sort().values]
@@ -472,9 +473,11 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
             if eval_model is not model:  # resume needs the raw weights; the averaged ones are what we ship
                 ck["extra"]["train_state"]["raw_state_dict"] = {k: v.detach().cpu() for k, v in
                                                                  model.state_dict().items()}
-            save_checkpoint(out, ck)
+            # best.pt first: the last checkpoint records best_score, so once it is written a resume
+            # will not rewrite best.pt for this epoch
             if improved and best_out is not None:
                 save_checkpoint(best_out, {**ck, "optimizer": None, "extra": {"best_epoch": epoch}})
+            save_checkpoint(out, ck)
             _write_metrics(metrics_path(out), history)
             if console is not None and not quiet:
                 console.print(_epoch_line(row, cfg.epochs))
@@ -511,13 +514,15 @@ def _epoch_line(row: Dict[str, Any], epochs: int) -> str:
 
 
 def _progress(console, quiet: bool):
+    # off when stderr is not a terminal: a finished live display would still leave an empty line
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    err = Console(stderr=True)
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[ips]:.0f} img/s"),
-        TimeElapsedColumn(), console=Console(stderr=True), transient=True, disable=quiet)
+        TimeElapsedColumn(), console=err, transient=True, disable=quiet or not err.is_terminal)
 
 
 # --- `advbench train-robust`: method + validation + training + final evaluation -----------------
@@ -641,6 +646,21 @@ def evaluate_and_record(checkpoint, threat, *, steps: int = 20, n_examples: Opti
     return execute_run(spec, console=console, quiet=quiet)
 
 
+def _final_eval_recorded(checkpoint: Path, results_dir: str) -> bool:
+    """Whether the leaderboard already holds this checkpoint's final evaluation (a resume after a
+    kill during the evaluation must run it again)."""
+    from . import leaderboard
+    from .checkpoint import file_sha256
+
+    try:
+        df = leaderboard.read(results_dir)
+    except AdvbenchError:
+        return False
+    if df.empty or "checkpoint_sha256" not in df.columns:
+        return False
+    return bool((df["checkpoint_sha256"].astype(str) == file_sha256(checkpoint)).any())
+
+
 def run_robust_training(opts: RobustTrainOptions, console=None, quiet: bool = False) -> RobustTrainReport:
     from defenses import METHODS
 
@@ -718,7 +738,7 @@ def run_robust_training(opts: RobustTrainOptions, console=None, quiet: bool = Fa
         say(f"stopped early: {res.stopped}", markup=False, highlight=False)
     if not opts.evaluate:
         return report
-    if res.epochs_run == 0:
+    if res.epochs_run == 0 and _final_eval_recorded(out, opts.results_dir):
         say("nothing was trained in this invocation: not evaluating again (see `advbench leaderboard`, or "
             f"`advbench attack --checkpoint {out} --eps {format_eps(threat.eps)}`)", markup=False, highlight=False)
         return report

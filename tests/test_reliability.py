@@ -234,9 +234,6 @@ TR = ["train-robust", "--results-dir", "{R}", "--device", "cpu", "--epochs", "1"
 RUN = ["run", "{IN}/suite.yaml", "--results-dir", "{R}"]
 L = ["leaderboard", "--results-dir", "{R}"]
 EPS_HINT = "expected a non-negative number or fraction such as 8/255, 0.03 or .5"
-N_TRAIN_XFAIL = pytest.mark.xfail(
-    strict=True, reason="robustbench_lite/training.py split_train_val should call check_n_examples(..., "
-                        "option='--n-train'); the message still says --n-examples (owned by the train-robust work)")
 
 # (id, argv, expected stderr prefix, setup)
 CASES = [
@@ -341,17 +338,12 @@ CASES = [
     ("train-epochs-0", T + ["--epochs", "0"], "error: --epochs must be >= 1 (got 0)", None),
     ("train-batch-size-0", T + ["--batch-size", "0"], "error: --batch-size must be >= 1 (got 0)", None),
     pytest.param("train-n-train-0", T + ["--n-train", "0"], "error: --n-train must be >= 1 (got 0)", None,
-                 marks=N_TRAIN_XFAIL, id="train-n-train-0"),
+                 id="train-n-train-0"),
     pytest.param("train-n-train-larger-than-split", T + ["--n-train", "4001"],
                  "error: --n-train 4001 is larger than the training examples (4000 examples)", None,
-                 marks=N_TRAIN_XFAIL, id="train-n-train-larger-than-split"),
+                 id="train-n-train-larger-than-split"),
     ("train-lr-negative", T + ["--lr", "-0.1"], "error: --lr must be a positive number (got -0.1)", None),
-    pytest.param("train-diverges", T + ["--lr", "1e30"], "error: training diverged at epoch 1", None,
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "robustbench_lite/training.py _progress builds Progress(console=Console(stderr=True), "
-                     "disable=quiet): off a terminal its live display still leaves an empty line on stderr when "
-                     "the loop raises; suite._progress disables it when not console.is_terminal")),
-                 id="train-diverges"),
+    ("train-diverges", T + ["--lr", "1e30"], "error: training diverged at epoch 1", None),
     ("train-seed-overflow", T + ["--seed", str(2 ** 64)], "error: --seed must be an integer between 0 and", None),
     ("train-missing-data-dir", T + ["--dataset", "mnist", "--data-dir", "{W}/no-data"],
      "error: dataset 'mnist' not found at {W}/no-data/MNIST", None),
@@ -440,7 +432,7 @@ CASES = [
     ("train-robust-batch-size-0", TR + ["--batch-size", "0"], "error: --batch-size must be >= 1 (got 0)", None),
     ("train-robust-n-eval-0", TR + ["--n-eval", "0"], "error: --n-eval must be >= 1 (got 0)", None),
     pytest.param("train-robust-n-train-0", TR + ["--n-train", "0"], "error: --n-train must be >= 1 (got 0)", None,
-                 marks=N_TRAIN_XFAIL, id="train-robust-n-train-0"),
+                 id="train-robust-n-train-0"),
     ("train-robust-missing-data-dir", TR + ["--dataset", "cifar10", "--data-dir", "{W}/no-data"],
      "error: dataset 'cifar10' not found at {W}/no-data/cifar-10-batches-py", None),
     ("train-robust-resume-corrupt-checkpoint", TR + ["--resume", "--out", "{IN}/junk.pt"],

@@ -146,8 +146,8 @@ def test_sigkill_during_train_robust_then_resume_gives_the_same_weights(tmp_path
                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        # the first epoch's checkpoint (and its best.pt, written right after it: see the xfail test
-        # below for a kill in between) is on disk: kill it in the second epoch
+        # the first epoch's checkpoint (and its best.pt, written just before it: see the test below
+        # for a kill in between) is on disk: kill it in the second epoch
         while _epoch(crashed_out) < 1 or not crashed_out.with_suffix(".best.pt").is_file():
             assert crashed.poll() is None, crashed.communicate()[1]
             assert time.time() < deadline
@@ -295,7 +295,7 @@ def test_interrupted_zoo_baseline_is_resumed_not_used_half_trained(tmp_path, mni
     assert (sha(path), path.stat().st_mtime_ns) == before
 
 
-# --- known gaps in training.py (owned by the train-robust work): deterministic, marked xfail -------------------
+# --- kills at the edges of training: between the two checkpoint writes, during the final evaluation -------------------
 def _tiny_robust_run(out, resume=False):
     import defenses
     from robustbench_lite.threat import ThreatModel
@@ -308,10 +308,6 @@ def _tiny_robust_run(out, resume=False):
                  robust_val=RobustValidation(threat, steps=2))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "training.train saves the last checkpoint (whose train_state already holds the new best_score) BEFORE "
-    "best.pt; a kill between the two leaves best.pt missing or stale for good after --resume. Fix: save "
-    "best.pt first, then the last checkpoint"))
 def test_kill_between_the_last_checkpoint_and_best_pt_is_recovered_by_resume(tmp_path, monkeypatch):
     import robustbench_lite.training as training
 
@@ -335,10 +331,6 @@ def test_kill_between_the_last_checkpoint_and_best_pt_is_recovered_by_resume(tmp
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "run_robust_training skips the final evaluation when --resume trains no epoch ('not evaluating again'), "
-    "even when the interrupted run never recorded it: a kill during the evaluation loses the leaderboard rows "
-    "for good. Fix: evaluate when the leaderboard has no row for the checkpoint's sha256"))
 def test_kill_during_the_final_evaluation_is_recovered_by_resume(tmp_path, monkeypatch):
     import robustbench_lite.training as training
 
