@@ -101,7 +101,24 @@ def main(argv=None) -> int:
     p.add_argument("--timing-n", type=int, default=1024, help="Images per timed epoch.")
     p.add_argument("--timing-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reuse", default=None,
+                   help="JSON of an earlier run (written next to --out): keep its rows, recompute only --redo.")
+    p.add_argument("--redo", default="",
+                   help="With --reuse: rows to recompute, e.g. fgsm-rs,timing (names: standard, an activation, "
+                        "a method, timing).")
+    p.add_argument("--render-only", action="store_true", help="With --reuse: only re-render the markdown.")
     args = p.parse_args(argv)
+    old = json.loads(Path(args.reuse).read_text()) if args.reuse else None
+    redo = {r.strip() for r in args.redo.split(",") if r.strip()}
+
+    def reused(section, key=None):
+        """The earlier run's row, unless it is to be recomputed (None: compute it)."""
+        if old is None or (key or section) in redo:
+            return None
+        got = old.get(section)
+        if key is not None:
+            got = (got or {}).get(key)
+        return got
 
     torch.set_num_threads(args.threads)
     work = ensure_dir(args.work_dir)
@@ -109,20 +126,32 @@ def main(argv=None) -> int:
     threat = ThreatModel("linf", args.eps)
     t_start = time.time()
     report = {"args": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+    if args.render_only:
+        if old is None:
+            p.error("--render-only needs --reuse")
+        out = Path(args.out)
+        atomic_write_text(out, render(old, argparse.Namespace(**{**vars(args), **old["args"]})))
+        print(out.read_text())
+        return 0
 
     # 1. standard training (the zoo baseline budget for smallcnn)
     from robustbench_lite.zoo import baseline_config
 
-    log("standard training (zoo baseline budget)")
-    cfg = baseline_config("smallcnn", "mnist-5k", work / "smallcnn-standard.pt", seed=args.seed, device="cpu")
-    std = train(cfg, dataset=ds, quiet=True)
-    report["standard"] = {**pgd_eval(std.model, ds, threat), "epochs": cfg.epochs,
-                          "epoch_s": sum(r["seconds"] for r in std.metrics) / len(std.metrics)}
+    report["standard"] = reused("standard")
+    if report["standard"] is None:
+        log("standard training (zoo baseline budget)")
+        cfg = baseline_config("smallcnn", "mnist-5k", work / "smallcnn-standard.pt", seed=args.seed, device="cpu")
+        std = train(cfg, dataset=ds, quiet=True)
+        report["standard"] = {**pgd_eval(std.model, ds, threat), "epochs": cfg.epochs,
+                              "epoch_s": sum(r["seconds"] for r in std.metrics) / len(std.metrics)}
     log(f"standard: {report['standard']}")
 
     # 2. PGD-AT with each activation, same budget
     report["pgd_at"] = {}
     for act in [a.strip() for a in args.activations.split(",") if a.strip()]:
+        if reused("pgd_at", act) is not None:
+            report["pgd_at"][act] = reused("pgd_at", act)
+            continue
         log(f"pgd-at with {act}: {args.epochs} epochs, {args.steps} steps")
         rep = run_robust_training(robust_opts(args, act, work=work), console=None, quiet=True)
         res = rep.result
@@ -136,6 +165,9 @@ def main(argv=None) -> int:
     # 3. other defenses, same budget, ReLU
     report["methods"] = {}
     for meth in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if reused("methods", meth) is not None:
+            report["methods"][meth] = reused("methods", meth)
+            continue
         log(f"{meth}: {args.epochs} epochs")
         over = {"steps": None} if meth in ("fgsm-rs", "mix") else {}
         rep = run_robust_training(robust_opts(args, "relu", method=meth, work=work, **over), console=None,
@@ -148,9 +180,14 @@ def main(argv=None) -> int:
         log(f"{meth}: {row}")
 
     # 4. epoch-time ratios
-    log("epoch timing (interleaved)")
-    report["timing"] = time_epochs(args, ds, threat, work)
-    report["total_s"] = time.time() - t_start
+    report["timing"] = reused("timing")
+    if report["timing"] is None:
+        log("epoch timing (interleaved)")
+        report["timing"] = time_epochs(args, ds, threat, work)
+    report["total_s"] = time.time() - t_start + (old.get("total_s", 0.0) if old else 0.0)
+    if old:
+        report["reused_from"] = args.reuse
+        report["redone"] = sorted(redo)
 
     md = render(report, args)
     out = Path(args.out)
@@ -188,13 +225,21 @@ def render(report, args) -> str:
         r = at["relu"]
         lines.append(f"| smallcnn | pgd-at, k={args.steps} ({r['epochs']} epochs) | {_pct(r['clean'])} | "
                      f"{_pct(r['pgd-20'])} | {_pct(r['pgd-50'])} |")
+    notes = []
     for meth, r in report.get("methods", {}).items():
-        note = f"; stopped: {r['stopped']}" if r.get("stopped") else ""
-        lines.append(f"| smallcnn | {meth} ({r['epochs']} epochs{note}) | {_pct(r['clean'])} | "
-                     f"{_pct(r['pgd-20'])} | {_pct(r['pgd-50'])} |")
+        if r.get("stopped"):
+            notes.append(f"{meth}: {r['stopped']}.")
+            what = f"stopped by the collapse guard, {r['epochs']} epoch{'s' if r['epochs'] != 1 else ''} kept"
+        else:
+            what = f"{r['epochs']} epochs"
+        lines.append(f"| smallcnn | {meth} ({what}) | {_pct(r['clean'])} | {_pct(r['pgd-20'])} | "
+                     f"{_pct(r['pgd-50'])} |")
+    if notes:
+        lines += [""] + notes
     lines += ["", f"Adversarial rows: {args.epochs} epochs of {args.optimizer} (lr {args.lr:g}, cosine), batch "
               f"{args.batch_size}, eps ramped over the first {args.eps_warmup} epochs, BatchNorm-free smallcnn; "
-              f"last-epoch model."]
+              f"last-epoch model (for a run stopped by the catastrophic-overfitting guard: the epoch it rolled "
+              f"back to)."]
     lines += [
         "",
         "## Smooth Adversarial Training: activations under the same budget",
@@ -203,6 +248,9 @@ def render(report, args) -> str:
         f"{args.epochs} epochs of {args.optimizer} (lr {args.lr:g}, cosine), batch {args.batch_size}, seed "
         f"{args.seed}; 3,500 training images (500 held out for validation). Last-epoch model; *best epoch* is the "
         f"one validation PGD-10 accuracy picks (robust early stopping).",
+        "",
+        "*s / epoch* is wall time on a machine shared with other jobs (their load varied during the run), so "
+        "it does not compare the activations' cost; the timing section below is measured interleaved.",
         "",
         "| activation | clean | PGD-20 | PGD-50 | best epoch | validation PGD-10 per epoch | s / epoch |",
         "|---|---:|---:|---:|---:|---|---:|",
