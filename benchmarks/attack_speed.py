@@ -30,16 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import attacks  # noqa: E402
 from attacks.engine import attack_mode  # noqa: E402
+from robustbench_lite.models import create_model  # noqa: E402
 from robustbench_lite.threat import ThreatModel  # noqa: E402
 
 
 def build_model(name: str, in_channels: int, size: int, mean, std) -> nn.Module:
-    try:
-        from robustbench_lite.models import create_model
-    except ImportError:  # stand-in while robustbench_lite.models does not exist
-        width = 32 if name == "smallcnn" else 64
-        return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.Flatten(),
-                             nn.Linear(width * size * size, 10))
     return create_model(name, in_channels=in_channels, num_classes=10, input_size=size, mean=mean, std=std)
 
 

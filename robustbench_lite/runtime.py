@@ -80,3 +80,16 @@ def accelerate(model: torch.nn.Module, device: torch.device, channels_last: bool
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def progress_bar(*fields: str, console=None, quiet: bool = False):
+    """The one progress display: description, bar, done/total, extra ``fields`` (rich format
+    strings over task fields), elapsed time; on stderr, transient, and off when quiet or when
+    stderr is not a terminal (a finished live display would still leave an empty line in logs)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    *[TextColumn(f) for f in fields], TimeElapsedColumn(),
+                    console=console, transient=True, disable=quiet or not console.is_terminal)

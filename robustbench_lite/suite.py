@@ -218,7 +218,7 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
 
     from . import leaderboard
     from .fileio import ensure_dir
-    from .runtime import accelerate, resolve_device, to_memory_format
+    from .runtime import accelerate, progress_bar, resolve_device, to_memory_format
     from . import distributed
 
     validate_run(spec)
@@ -245,7 +245,7 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
         console.print(f"attacking {info['model']} ({info['checkpoint']}) on {n_total} {info['dataset']} test "
                       f"images: {', '.join(a.label for a in spec.attacks)} x "
                       f"{', '.join(str(t) for t in spec.threats)} on {where}", markup=False, highlight=False)
-    progress = _progress(progress_console, quiet)
+    progress = progress_bar(console=progress_console, quiet=quiet)
     tasks: Dict[Any, Any] = {}
 
     def on_progress(threat, label, done, total):
@@ -304,16 +304,6 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return record
-
-
-def _progress(console, quiet: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = console or Console(stderr=True)
-    # off when stderr is not a terminal: a finished live display would still leave an empty line
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=quiet or not console.is_terminal)
 
 
 # --- terminal tables -----------------------------------------------------------------------------

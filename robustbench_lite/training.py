@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from .checkpoint import build_checkpoint, read_checkpoint, save_checkpoint, load_state
 from .errors import AdvbenchError
 from .fileio import atomic_write_text, ensure_dir
-from .runtime import check_positive, seed_everything
+from .runtime import check_positive, progress_bar, seed_everything
 
 
 @dataclass
@@ -346,7 +346,8 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
     elif cfg.resume and not quiet and console is not None:
         console.print(f"--resume: {out} does not exist yet, starting from scratch")
 
-    progress = _progress(console, quiet)
+    progress = progress_bar("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[ips]:.0f} img/s",
+                            quiet=quiet)
     best_out = best_path(out) if select else None
     x_test = x_val if x_val is not None else ds.x_test
     y_test = y_val if y_val is not None else ds.y_test
@@ -511,18 +512,6 @@ def _epoch_line(row: Dict[str, Any], epochs: int) -> str:
             parts.append(f"{k.replace('_', ' ')} {v:.2%}" if "acc" in k else f"{k} {v:.4g}")
     parts.append(f"{row['seconds']:.1f} s ({row['img_per_s']:.0f} img/s)")
     return "  ".join(parts)
-
-
-def _progress(console, quiet: bool):
-    # off when stderr is not a terminal: a finished live display would still leave an empty line
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    err = Console(stderr=True)
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[ips]:.0f} img/s"),
-        TimeElapsedColumn(), console=err, transient=True, disable=quiet or not err.is_terminal)
 
 
 # --- `advbench train-robust`: method + validation + training + final evaluation -----------------
