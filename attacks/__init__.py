@@ -19,7 +19,7 @@ from typing import Any, List, Optional
 from robustbench_lite.registry import Registry
 from robustbench_lite.threat import ThreatModel
 
-from .engine import Attack, attack_mode, random_targets
+from .engine import Attack, attack_mode, random_targets, unwrap
 
 ATTACKS = Registry("attack", builtin_modules=("attacks.fgsm", "attacks.bim", "attacks.pgd", "attacks.apgd"),
                    entry_point_group="advbench.attacks")
@@ -39,4 +39,4 @@ def names() -> List[str]:
     return ATTACKS.names()
 
 
-__all__ = ["ATTACKS", "Attack", "attack_mode", "create", "names", "random_targets"]
+__all__ = ["ATTACKS", "Attack", "attack_mode", "create", "names", "random_targets", "unwrap"]

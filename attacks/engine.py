@@ -69,6 +69,18 @@ BASE_DEFAULTS: Dict[str, Any] = dict(
 )
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (the model itself otherwise). Attacks
+    take gradients to the input only, so they run on the local module: a forward through the
+    wrapper would arm DDP's gradient all-reduce (and broadcast buffers) for a backward that never
+    comes to the parameters."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model
+
+
 @contextlib.contextmanager
 def attack_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
     """Put ``model`` in eval (or train) mode with every parameter's requires_grad off; restore
@@ -245,6 +257,7 @@ class Attack:
         """Adversarial examples for (x, y): same shape, dtype and device as x, inside the
         threat model and [0, 1]. ``target`` (N,) makes the attack targeted at those classes.
         ``sample_ids`` (N,) key the random numbers (default 0..N-1). x is not modified."""
+        model = unwrap(model)
         x = x.detach()
         n = x.shape[0]
         dev = x.device

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks.engine import unwrap
 from robustbench_lite.errors import AdvbenchError
 from robustbench_lite.threat import ThreatModel
 
@@ -186,6 +187,7 @@ class AdversarialMethod(TrainingMethod):
         k = int(round(self.clean_stats * x.shape[0]))
         if k <= 0:
             return None
+        model = unwrap(model)  # no gradient: the local module, no DDP bookkeeping
         was = model.training
         model.eval()
         try:
@@ -306,6 +308,7 @@ class TRADES(AdversarialMethod):
         self.beta = float(beta)
 
     def perturb(self, model, x, y, ids, epoch):
+        model = unwrap(model)  # input gradients only: the local module under DDP
         was = model.training
         model.train(self.bn_mode == "train")
         try:

@@ -5,6 +5,7 @@ Every command turns bad input (an AdvbenchError, or a usage error) into one line
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -24,7 +25,7 @@ except ImportError:  # pragma: no cover - older typer on real click
 
     NoArgsIsHelpError = ()  # type: ignore[assignment]
 
-console = Console(soft_wrap=True)
+console = Console(soft_wrap=True, quiet=os.environ.get("RANK", "0") != "0")  # under torchrun only rank 0 talks (errors: all)
 err_console = Console(stderr=True)
 
 
@@ -103,6 +104,19 @@ def list_cmd():
 
 
 # --- train ------------------------------------------------------------------------------------
+_BATCH_HELP = "Global batch size: under torchrun each process takes its share of every batch."
+
+
+def _speed_options():
+    """The CUDA fast paths of the training commands, each a flag (also accepted on CPU)."""
+    return dict(
+        amp=typer.Option(None, "--amp", help="bf16: forward passes (inner attack included) under torch.autocast."),
+        channels_last=typer.Option(False, "--channels-last", help="NHWC memory format (faster convs on GPU)."),
+        compile=typer.Option(False, "--compile", help="torch.compile the model for the training steps."),
+    )
+
+
+_SPEED = _speed_options()
 def _train_options_doc() -> str:
     return "Standard (non-adversarial) training with a progress bar, per-epoch test accuracy and checkpoints."
 
@@ -114,10 +128,10 @@ def train_cmd(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where torchvision datasets live."),
     download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing."),
     epochs: int = typer.Option(3, "--epochs"),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: int = typer.Option(64, "--batch-size", help=_BATCH_HELP),
     lr: float = typer.Option(0.05, "--lr"),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adam."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine, step or constant."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine, step, cyclic (fast AT's triangle: 0 -> --lr at 2/5 -> 0) or constant."),
     weight_decay: float = typer.Option(5e-4, "--weight-decay"),
     augment: bool = typer.Option(False, "--augment/--no-augment", help="Random crop (+ flip for colour)."),
     activation: str = typer.Option("relu", "--activation", help="Activation (see `advbench list`)."),
@@ -127,6 +141,9 @@ def train_cmd(
     results_dir: str = typer.Option("results", "--results-dir"),
     resume: bool = typer.Option(False, "--resume", help="Continue from --out's last epoch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    amp: Optional[str] = _SPEED["amp"],
+    channels_last: bool = _SPEED["channels_last"],
+    compile: bool = _SPEED["compile"],
 ):
     from .data import load_dataset
     from .models import MODELS, activation_factory
@@ -140,7 +157,8 @@ def train_cmd(
     cfg = TrainConfig(model=model, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr,
                       optimizer=optimizer, schedule=schedule, weight_decay=weight_decay, augment=augment,
                       seed=seed, activation=activation, out=str(path), resume=resume, device=device,
-                      n_train=n_train)
+                      n_train=n_train, amp=amp, channels_last=channels_last, compile=compile)
+    cfg.validate()
     console.print(f"training {model} on {ds.name} ({len(ds.y_train)} train / {len(ds.y_test)} test, "
                   f"{'x'.join(map(str, ds.input_shape))}) for {epochs} epochs -> {path}")
     res = train(cfg, dataset=ds, console=console)
@@ -171,7 +189,7 @@ def train_robust_cmd(
     bn_mode: str = typer.Option("eval", "--bn-mode", help="BatchNorm mode during the inner attack: eval or train."),
     eps_warmup: Optional[int] = typer.Option(None, "--eps-warmup",
                                              help="Ramp eps linearly (per step) over this many first epochs "
-                                                  "(default: 2 when --epochs >= 5, else 0)."),
+                                                  "(default: 2 when --epochs >= 5, else 1)."),
     activation: str = typer.Option("relu", "--activation", help="Activation (see `advbench list`)."),
     smooth_backward: Optional[str] = typer.Option(None, "--smooth-backward",
                                                   help="Keep ReLU forward, use this activation's derivative "
@@ -183,10 +201,10 @@ def train_robust_cmd(
                                                          "(0: none)."),
     val_steps: int = typer.Option(10, "--val-steps", help="PGD steps of the per-epoch validation."),
     epochs: int = typer.Option(10, "--epochs"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    batch_size: int = typer.Option(32, "--batch-size", help=_BATCH_HELP),
     lr: float = typer.Option(0.001, "--lr"),
     optimizer: str = typer.Option("adam", "--optimizer", help="sgd or adam."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine, step or constant."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine, step, cyclic (fast AT's triangle: 0 -> --lr at 2/5 -> 0) or constant."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     augment: bool = typer.Option(False, "--augment/--no-augment", help="Random crop (+ flip for colour)."),
     seed: int = typer.Option(0, "--seed"),
@@ -202,6 +220,9 @@ def train_robust_cmd(
                                                                 "and record them in the leaderboard."),
     eval_steps: int = typer.Option(20, "--eval-steps", help="PGD steps of the final evaluation."),
     n_eval: Optional[int] = typer.Option(1000, "--n-eval", help="Test examples of the final evaluation."),
+    amp: Optional[str] = _SPEED["amp"],
+    channels_last: bool = _SPEED["channels_last"],
+    compile: bool = _SPEED["compile"],
 ):
     """Adversarial training (PGD-AT, fast FGSM-RS, TRADES, Goodfellow mix) with smooth activations, SWA/EMA,
     robust early stopping on a held-out split, exact resume, and a final PGD evaluation in the leaderboard."""
@@ -214,7 +235,7 @@ def train_robust_cmd(
         val_size=val_size, val_steps=val_steps, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         schedule=schedule, weight_decay=weight_decay, augment=augment, seed=seed, n_train=n_train, out=out,
         results_dir=results_dir, resume=resume, device=device, evaluate=evaluate, eval_steps=eval_steps,
-        n_eval=n_eval)
+        n_eval=n_eval, amp=amp, channels_last=channels_last, compile=compile)
     run_robust_training(opts, console=console)
 
 

@@ -47,3 +47,71 @@ def test_ddp_attack_equals_single_process(tmp_path, trained_smallcnn_path):
     rows = (tmp_path / "res" / "leaderboard.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * (2 * 3)  # header + 2 runs x 2 eps x (2 attacks + worst case): rank 1 wrote none
     assert "ddp=2" in rows[-1]
+
+
+def _metrics(path):
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _same_training(single_dir, ddp_dir, name="m"):
+    """Per-epoch metrics equal (up to float summation order; accuracies exactly), weights close."""
+    import torch
+
+    a, b = _metrics(single_dir / f"{name}.metrics.csv"), _metrics(ddp_dir / f"{name}.metrics.csv")
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb)
+        for k in ra:
+            if k in ("seconds", "img_per_s"):
+                continue
+            if k.endswith("_acc"):
+                assert ra[k] == rb[k], (k, ra[k], rb[k])
+            else:
+                assert abs(float(ra[k]) - float(rb[k])) <= 1e-4 * max(1.0, abs(float(ra[k]))), (k, ra[k], rb[k])
+    wa = torch.load(single_dir / f"{name}.pt", weights_only=True)["state_dict"]
+    wb = torch.load(ddp_dir / f"{name}.pt", weights_only=True)["state_dict"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=2e-3), k
+
+
+def _train_both_ways(args, tmp_path):
+    """Run ``args`` single-process in tmp/one and with 2 gloo processes in tmp/two; check they
+    trained alike; return the torchrun result."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    single = _single(args, tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = _torchrun(args, tmp_path / "two")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    _same_training(tmp_path / "one", tmp_path / "two")
+    return ddp
+
+
+def test_ddp_train_robust_equals_single_process(tmp_path):
+    # 225 training images in batches of 32: the last global batch holds 1 image, so rank 1 gets
+    # no share of it (it joins the all-reduce with weight 0)
+    args = ["train-robust", "--n-train", "225", "--epochs", "2", "--val-size", "100", "--n-eval", "60",
+            "--batch-size", "32", "--device", "cpu", "--out", "m.pt", "--results-dir", "res", "--eps", "0.1",
+            "--steps", "2", "--lr", "0.005", "--eval-steps", "5", "--eps-warmup", "1"]
+    ddp = _train_both_ways(args, tmp_path)
+    # only rank 0 talks and writes: one line per epoch, one leaderboard row per evaluation
+    assert ddp.stdout.count("epoch 1/2") == 1, ddp.stdout
+    assert "on 2 x cpu (DDP)" in ddp.stdout
+    lb1 = (tmp_path / "one" / "res" / "leaderboard.csv").read_text().strip().splitlines()
+    lb2 = (tmp_path / "two" / "res" / "leaderboard.csv").read_text().strip().splitlines()
+    assert len(lb1) == len(lb2) >= 2
+    col = lb1[0].split(",").index("robust_acc")
+    assert [r.split(",")[col] for r in lb1[1:]] == [r.split(",")[col] for r in lb2[1:]]
+    assert not list((tmp_path / "two").glob("**/*.tmp"))
+
+
+def test_ddp_standard_training_equals_single_process(tmp_path):
+    args = ["train", "--n-train", "960", "--epochs", "1", "--batch-size", "48", "--device", "cpu", "--out", "m.pt",
+            "--results-dir", "res"]
+    _train_both_ways(args, tmp_path)
+    acc = float(_metrics(tmp_path / "two" / "m.metrics.csv")[-1]["test_acc"])
+    assert acc > 0.7  # a real training run, not a no-op that trivially matches

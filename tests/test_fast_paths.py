@@ -43,3 +43,37 @@ def test_compile_agrees_with_default(results):
     _, base = _attack(results)
     _, comp = _attack(results, "--compile")
     assert comp == pytest.approx(base, abs=0.02)
+
+
+def _train(tmp_path, name, *extra):
+    out = tmp_path / f"{name}.pt"
+    r = runner.invoke(app, ["train", "--n-train", "960", "--epochs", "1", "--batch-size", "48", "--device", "cpu",
+                            "--out", str(out), "--results-dir", str(tmp_path / "res"), *extra])
+    assert r.exit_code == 0, r.output
+    import torch
+
+    ck = torch.load(out, weights_only=True)
+    return ck["metrics"]["test_acc"], ck
+
+
+def test_training_fast_paths_train_as_well(tmp_path):
+    base, _ = _train(tmp_path, "base")
+    cl, ck = _train(tmp_path, "cl", "--channels-last")
+    assert cl == pytest.approx(base, abs=0.02)
+    assert ck["extra"]["train_state"]["config"]["channels_last"] is True
+    bf, ck = _train(tmp_path, "bf", "--amp", "bf16")
+    assert base > 0.7 and bf > 0.7 and bf == pytest.approx(base, abs=0.05)
+    assert ck["extra"]["train_state"]["config"]["amp"] == "bf16"
+
+
+def test_training_rejects_unknown_amp(tmp_path):
+    r = runner.invoke(app, ["train", "--epochs", "1", "--amp", "fp8", "--out", str(tmp_path / "m.pt")])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == "error: invalid --amp 'fp8': expected bf16 (or leave it out)"
+
+
+@pytest.mark.slow
+def test_compiled_training_agrees_with_default(tmp_path):
+    base, _ = _train(tmp_path, "base")
+    comp, _ = _train(tmp_path, "comp", "--compile")
+    assert comp == pytest.approx(base, abs=0.02)

@@ -147,6 +147,19 @@ def test_swa_learning_rate_and_config_checks():
             TrainConfig(epochs=4, **bad).validate()
 
 
+def test_cyclic_schedule_is_fast_ats_triangle():
+    """Wong et al. 2020: 0 -> lr_max at 2/5 of the steps -> 0, evaluated after each step."""
+    cfg = TrainConfig(epochs=15, lr=0.2, schedule="cyclic")
+    total = 1500
+    lrs = [lr_at(cfg, s, total) for s in range(total)]
+    peak = max(range(total), key=lrs.__getitem__)
+    assert peak == 599 and lrs[peak] == pytest.approx(0.2)
+    assert lrs[0] == pytest.approx(0.2 / 600) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a < b for a, b in zip(lrs[:599], lrs[1:600])) and all(a > b for a, b in zip(lrs[599:-1], lrs[600:]))
+    with pytest.raises(AdvbenchError, match="expected cosine, step, cyclic or constant"):
+        TrainConfig(schedule="triangle").validate()
+
+
 # -- catastrophic-overfitting rollback ---------------------------------------------------------------
 class CollapsesAt(PGDAT):
     name = "pgd-at"
