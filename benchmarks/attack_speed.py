@@ -1,14 +1,18 @@
 """How close the attack engine runs to its floor, and what early stopping buys.
 
-1. Engine overhead. For smallcnn on 1x28x28 and resnet18 on 3x32x32 (random weights: only the
-   ratio matters), time PGD-k over N images with early stopping OFF and divide by the floor,
-   k x (one forward + one backward to the input) on the same batches. Target: <= 1.05 on CPU.
-   The labels are the model's own clean predictions, so every sample starts correctly classified.
+1. Engine overhead and throughput. For each of --models (default smallcnn on 1x28x28 and resnet18
+   on 3x32x32; random weights: only the ratio matters), time PGD-k over N images with early
+   stopping OFF and divide by the floor, k x (one forward + one backward to the input) on the same
+   batches, under each fast-path variant of --variants (the floor runs with the same flags).
+   Prints images/s, the ratio (target <= 1.05) and the speed-up over base. The labels are the
+   model's own clean predictions, so every sample starts correctly classified.
 2. Early stopping. smallcnn trained for one epoch on mnist-5k (a standard, non-robust model):
    PGD-k images/s with early stopping ON vs OFF. Most samples are fooled in a few steps and leave
    the batch, so the target is >= 5x.
 
     python benchmarks/attack_speed.py --device cpu --n 128 --json results/bench_attack_speed.json
+    python benchmarks/attack_speed.py --device cuda --models resnet18,preact-resnet18 --n-resnet 4096 \
+        --batch-size 512 --variants base,bf16,channels_last,bf16+channels_last,compile --json ...
 
 Not a test: speed is printed as ratios, never asserted.
 """
@@ -28,19 +32,17 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from common import sync, variant_flags, variants  # noqa: E402
+
 import attacks  # noqa: E402
 from attacks.engine import attack_mode  # noqa: E402
 from robustbench_lite.models import create_model  # noqa: E402
+from robustbench_lite.runtime import accelerate, to_memory_format  # noqa: E402
 from robustbench_lite.threat import ThreatModel  # noqa: E402
 
 
 def build_model(name: str, in_channels: int, size: int, mean, std) -> nn.Module:
     return create_model(name, in_channels=in_channels, num_classes=10, input_size=size, mean=mean, std=std)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 CLOCK = "wall"  # set in main(): "cpu" = this process's CPU time (time.process_time)
@@ -61,8 +63,9 @@ def batches(n: int, bs: int) -> List[slice]:
     return [slice(i, min(i + bs, n)) for i in range(0, n, bs)]
 
 
-def floor_fn(model, x, y, steps, bs) -> Callable[[], None]:
-    """k x (forward + backward to the input), parameters frozen, loss summed: the lower bound."""
+def floor_fn(model, x, y, steps, bs, amp=None) -> Callable[[], None]:
+    """k x (forward + backward to the input), parameters frozen, loss summed: the lower bound
+    (under the same autocast as the attack)."""
 
     def run():
         with attack_mode(model, "eval"):
@@ -70,7 +73,9 @@ def floor_fn(model, x, y, steps, bs) -> Callable[[], None]:
                 xb, yb = x[s], y[s]
                 for _ in range(steps):
                     xi = xb.detach().requires_grad_(True)
-                    loss = F.cross_entropy(model(xi), yb, reduction="sum")
+                    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp is not None):
+                        logits = model(xi)
+                    loss = F.cross_entropy(logits.float(), yb, reduction="sum")
                     torch.autograd.grad(loss, xi)
 
     return run
@@ -96,33 +101,49 @@ def best_of(fns: Dict[str, Callable[[], object]], device, repeats: int):
     return {k: min(v) for k, v in times.items()}, outputs
 
 
+def input_shape(name: str):
+    return (1, 28) if name in ("smallcnn", "lenet") else (3, 32)
+
+
 def overhead(args, device) -> List[Dict]:
+    """PGD-k images/s and its ratio to the k x (forward+backward) floor, per model and fast-path
+    variant (each variant's floor runs with the same flags)."""
     rows = []
-    specs = [("smallcnn", 1, 28, args.n), ("resnet18", 3, 32, args.n_resnet)]
-    for name, c, size, n in specs:
-        if name not in args.models:
-            continue
+    for name in args.models:
+        c, size = input_shape(name)
+        n = args.n if c == 1 else args.n_resnet
         torch.manual_seed(0)
-        model = build_model(name, c, size, (0.5,) * c, (0.25,) * c).to(device).eval()
-        x = torch.rand(n, c, size, size, device=device)
+        net = build_model(name, c, size, (0.5,) * c, (0.25,) * c).to(device).eval()
+        x0 = torch.rand(n, c, size, size, device=device)
         with torch.no_grad():
-            y = torch.cat([model(x[s]).argmax(1) for s in batches(n, args.batch_size)])
+            y = torch.cat([net(x0[s]).argmax(1) for s in batches(n, args.batch_size)])
         threat = ThreatModel("linf", args.eps_random)
-        variants = {
-            "floor": floor_fn(model, x, y, args.steps, args.batch_size),
-            "pgd keep=first-fool": attack_fn(model, attacks.create("pgd", threat=threat, steps=args.steps,
-                                                                   early_stop=False), x, y, args.batch_size),
-            "pgd keep=last (training)": attack_fn(model, attacks.create("pgd", threat=threat, steps=args.steps,
-                                                                        early_stop=False, keep="last"),
-                                                  x, y, args.batch_size),
-        }
-        t, _ = best_of(variants, device, args.repeats)
-        for k in variants:
-            if k == "floor":
-                continue
-            rows.append(dict(model=name, input=f"{c}x{size}x{size}", n=n, steps=args.steps, variant=k,
-                             seconds=t[k], floor_seconds=t["floor"], ratio=t[k] / t["floor"],
-                             images_per_s=n / t[k]))
+        base_seconds = None
+        for v in args.variants:
+            flags = variant_flags(v)
+            model = accelerate(net, device, channels_last=flags["channels_last"], compile=flags["compile"])
+            x = to_memory_format(x0, flags["channels_last"])
+            amp = flags["amp"]
+            fns = {
+                "floor": floor_fn(model, x, y, args.steps, args.batch_size, amp),
+                "pgd keep=first-fool": attack_fn(model, attacks.create("pgd", threat=threat, steps=args.steps,
+                                                                       early_stop=False, amp=amp),
+                                                 x, y, args.batch_size),
+            }
+            if v == "base":
+                fns["pgd keep=last (training)"] = attack_fn(
+                    model, attacks.create("pgd", threat=threat, steps=args.steps, early_stop=False, keep="last"),
+                    x, y, args.batch_size)
+            t, _ = best_of(fns, device, args.repeats)
+            for k in fns:
+                if k == "floor":
+                    continue
+                if k == "pgd keep=first-fool" and base_seconds is None:
+                    base_seconds = t[k]
+                rows.append(dict(model=name, input=f"{c}x{size}x{size}", n=n, steps=args.steps,
+                                 variant=k if v == "base" else f"{v}: {k}", fast_path=v, seconds=t[k],
+                                 floor_seconds=t["floor"], ratio=t[k] / t["floor"], images_per_s=n / t[k],
+                                 speedup_vs_base=(base_seconds / t[k]) if base_seconds else None))
     return rows
 
 
@@ -176,14 +197,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, default=256, help="images for smallcnn (and the trained model)")
-    p.add_argument("--n-resnet", type=int, default=None, help="images for resnet18 (default: n // 16, >= 8)")
+    p.add_argument("--n-resnet", type=int, default=None, help="images for the 3x32x32 models (default: n // 16, "
+                                                              ">= 8)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="k of PGD-k in the overhead part")
     p.add_argument("--steps-trained", type=int, default=40, help="k of PGD-k on the trained model")
     p.add_argument("--eps-random", type=float, default=8 / 255, help="L-inf eps for the random-weight models")
     p.add_argument("--eps-trained", type=float, default=0.3, help="L-inf eps on the trained smallcnn")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--models", default="smallcnn,resnet18")
+    p.add_argument("--models", default="smallcnn,resnet18", help="any registered models (smallcnn and lenet "
+                                                                  "get 1x28x28 inputs, others 3x32x32)")
+    p.add_argument("--variants", default="base", help="fast paths: base, bf16, channels_last, compile, or '+' "
+                                                      "of them (comma-separated)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads on CPU (default 1: steadier timings on a shared machine; "
                         "0 = torch's choice)")
@@ -193,6 +218,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.variants = variants(args.variants)
     if args.n_resnet is None:
         args.n_resnet = max(8, args.n // 16)
     device = torch.device(args.device)
@@ -206,10 +232,12 @@ def main(argv=None) -> int:
     rows = overhead(args, device)
     print(f"\n1. engine overhead: PGD-{args.steps} (early stopping OFF) / {args.steps} x (forward + backward "
           f"to the input)   target <= 1.05")
-    print(f"{'model':10} {'input':9} {'n':>5} {'variant':26} {'attack s':>9} {'floor s':>9} {'ratio':>7} {'img/s':>9}")
+    print(f"{'model':16} {'input':9} {'n':>5} {'variant':40} {'attack s':>9} {'floor s':>9} {'ratio':>7} "
+          f"{'img/s':>9} {'x base':>7}")
     for r in rows:
-        print(f"{r['model']:10} {r['input']:9} {r['n']:5d} {r['variant']:26} {r['seconds']:9.3f} "
-              f"{r['floor_seconds']:9.3f} {r['ratio']:7.3f} {r['images_per_s']:9.1f}")
+        sp = f"{r['speedup_vs_base']:.2f}" if r["speedup_vs_base"] else "-"
+        print(f"{r['model']:16} {r['input']:9} {r['n']:5d} {r['variant']:40} {r['seconds']:9.3f} "
+              f"{r['floor_seconds']:9.3f} {r['ratio']:7.3f} {r['images_per_s']:9.1f} {sp:>7}")
 
     if rows:
         worst = max(r["ratio"] for r in rows)

@@ -33,8 +33,8 @@ from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.evaluator import evaluate  # noqa: E402
 from robustbench_lite.fileio import atomic_write_text, ensure_dir  # noqa: E402
 from robustbench_lite.threat import ThreatModel  # noqa: E402
-from robustbench_lite.training import (RobustTrainOptions, TrainConfig,  # noqa: E402
-                                       build_method, run_robust_training, train)
+from robustbench_lite.training import RobustTrainOptions, run_robust_training  # noqa: E402
+from train_speed import time_epochs as time_epochs_base  # noqa: E402
 
 ACTIVATIONS = ("relu", "silu", "gelu", "softplus", "smoothrelu")
 EVAL_ATTACKS = [{"name": "pgd", "steps": 20, "label": "pgd-20"}, {"name": "pgd", "steps": 50, "label": "pgd-50"}]
@@ -62,25 +62,16 @@ def robust_opts(args, activation: str, method: str = "pgd-at", work: Path = None
 
 
 def time_epochs(args, ds, threat, work: Path):
-    """Per-epoch training seconds of standard, fgsm-rs and pgd-at (k=7), interleaved."""
-    methods = {
-        "standard": lambda: build_method("standard", threat),
-        "fgsm-rs": lambda: build_method("fgsm-rs", threat, seed=args.seed),
-        "pgd-at (k=7)": lambda: build_method("pgd-at", threat, steps=7, seed=args.seed),
-    }
-    secs = {k: [] for k in methods}
-    for rep in range(args.timing_repeats):
-        for name, make in methods.items():
-            cfg = TrainConfig(model="smallcnn", dataset="mnist-5k", epochs=1, batch_size=args.batch_size,
-                              lr=args.lr, optimizer=args.optimizer, weight_decay=0.0, seed=args.seed,
-                              n_train=args.timing_n, out=str(work / "timing" / f"{name.split()[0]}.pt"),
-                              device="cpu")
-            res = train(cfg, make(), dataset=ds, quiet=True)
-            secs[name].append(res.metrics[-1]["seconds"])
-            log(f"timing {rep + 1}/{args.timing_repeats}: {name} epoch of {args.timing_n} images "
-                f"{secs[name][-1]:.2f} s")
-    best = {k: min(v) for k, v in secs.items()}
-    return {k: {"seconds": best[k], "all": secs[k], "ratio": best[k] / best["standard"]} for k in methods}
+    """Per-epoch training seconds of standard, fgsm-rs and pgd-at (k=7), interleaved
+    (benchmarks/train_speed.py measures; this keeps the table's labels)."""
+    labels = {"standard": "standard", "fgsm-rs": "fgsm-rs", "pgd-at:7": "pgd-at (k=7)"}
+    secs = time_epochs_base(model="smallcnn", ds=ds, threat=threat, methods=list(labels), variant_list=["base"],
+                            n=args.timing_n, batch_size=args.batch_size, repeats=args.timing_repeats, device="cpu",
+                            work=work / "timing", lr=args.lr, optimizer=args.optimizer, seed=args.seed,
+                            log=lambda m: log("timing" + m))
+    best = {labels[m]: min(v) for (_, m), v in secs.items()}
+    return {labels[m]: {"seconds": best[labels[m]], "all": v, "ratio": best[labels[m]] / best["standard"]}
+            for (_, m), v in secs.items()}
 
 
 def main(argv=None) -> int:

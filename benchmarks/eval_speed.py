@@ -17,7 +17,6 @@ on a real benchmark. Not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,17 +26,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import sync, variants, variant_flags, write_json  # noqa: E402
+
 from attacks.engine import attack_mode  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.evaluator import evaluate, parse_attack_specs  # noqa: E402
 from robustbench_lite.runtime import accelerate, resolve_device, to_memory_format  # noqa: E402
 from robustbench_lite.threat import ThreatModel, parse_eps  # noqa: E402
 from robustbench_lite.training import TrainConfig, train  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def fwd_bwd_seconds_per_image(model, x, y, bs, amp, repeats=3):
@@ -59,9 +55,8 @@ def fwd_bwd_seconds_per_image(model, x, y, bs, amp, repeats=3):
 
 
 def run_variant(name, net, ds, x, y, ids, device, variant, args):
-    amp = "bf16" if "bf16" in variant else None
-    cl = "channels_last" in variant
-    comp = "compile" in variant
+    flags = variant_flags(variant)
+    amp, cl, comp = flags["amp"], flags["channels_last"], flags["compile"]
     model = accelerate(net, device, channels_last=cl, compile=comp)
     xv = to_memory_format(x, cl)
     specs = parse_attack_specs([{"name": "fgsm", "amp": amp}, {"name": "bim", "steps": 10, "amp": amp},
@@ -120,7 +115,7 @@ def main(argv=None):
                                 out=str(out), device=str(device), augment=ds.in_channels == 3), dataset=ds, quiet=True)
         print(f"trained {name} on {ds.name} for {args.train_epochs} epochs in {time.perf_counter() - t0:.1f} s "
               f"(test acc {res.metrics[-1]['test_acc']:.2%})", flush=True)
-        for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        for variant in variants(args.variants):
             if "bf16" in variant and device.type == "cpu" and not torch.backends.mkldnn.is_available():
                 continue
             rows.append(run_variant(name, res.model, ds, x, y, ids, device, variant, args))
@@ -129,8 +124,7 @@ def main(argv=None):
                   f"floor {r['floor_seconds']:7.2f} s  ratio {r['ratio_to_floor']:.3f}  "
                   f"clean {r['clean_acc']:.2%}  worst {r['worst_case_acc']:.2%}", flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
     return 0
 
 
