@@ -228,11 +228,8 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     ctx = distributed.init(device)  # under torchrun: one process per device, each attacks its shard
     device = distributed.local_device(device)
     quiet = quiet or not ctx.is_main
-    if ctx.enabled and not ctx.is_main:
-        distributed.barrier()  # rank 0 trains the zoo baseline (if missing) before the others load it
+    # a missing zoo baseline is trained by all ranks together (DDP; rank 0 writes it)
     model, ds, info = load_model(spec, console=console, quiet=quiet)
-    if ctx.enabled and ctx.is_main:
-        distributed.barrier()
     model = accelerate(model, device, channels_last=spec.channels_last, compile=spec.compile)
     x, y, ids = ds.subset("test", spec.n_examples, spec.seed)
     x = to_memory_format(x, spec.channels_last)

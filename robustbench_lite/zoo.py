@@ -60,24 +60,26 @@ def get_or_train(model: str, dataset: str, results_dir: str = "results", seed: i
     it trained the baseline) is not used as it is: its training is resumed to the end first."""
     from .checkpoint import model_from_checkpoint, read_checkpoint
     from .data import load_dataset
+    from . import distributed
     from .training import train
 
     ds = load_dataset(dataset, data_dir=data_dir, download=download)
     path = zoo_path(model, dataset, "standard", results_dir)
-    if path.is_file():
+    # under torchrun every rank takes rank 0's view (they then train together, or all load)
+    if distributed.broadcast_object(path.is_file()):
         ck = read_checkpoint(path)
         unfinished = interrupted_config(ck)
         if unfinished is None:
             net, _ = model_from_checkpoint(path, model, ds)
             return net, path, False
         cfg = replace(unfinished, out=str(path), resume=True, device=device)
-        if console is not None:
+        if console is not None and not quiet:
             console.print(f"zoo checkpoint {path} is from an interrupted training (epoch {ck.get('epoch')} of "
                           f"{cfg.epochs}): resuming it first", markup=False, highlight=False)
         res = train(cfg, dataset=ds, console=console, quiet=quiet)
         return res.model, path, True
     cfg = baseline_config(model, dataset, path, seed=seed, device=device)
-    if console is not None:
+    if console is not None and not quiet:
         console.print(f"no zoo checkpoint {path}: training a standard {model} baseline on {ds.name} first "
                       f"({cfg.epochs} epochs)")
     res = train(cfg, dataset=ds, console=console, quiet=quiet)
