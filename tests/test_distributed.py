@@ -115,3 +115,15 @@ def test_ddp_standard_training_equals_single_process(tmp_path):
     _train_both_ways(args, tmp_path)
     acc = float(_metrics(tmp_path / "two" / "m.metrics.csv")[-1]["test_acc"])
     assert acc > 0.7  # a real training run, not a no-op that trivially matches
+
+
+def test_ddp_attack_trains_a_missing_zoo_baseline_on_all_ranks(tmp_path):
+    """No zoo checkpoint: the ranks train the baseline together (rank 0 writes it), then attack."""
+    args = ["attack", "--model", "smallcnn", "--eps", "0.2", "--n-examples", "60", "--attack", "fgsm",
+            "--results-dir", "res", "--device", "cpu", "--json", "--no-masking-checks"]
+    ddp = _torchrun(args, tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    summary = json.loads(ddp.stdout)
+    assert summary["n_examples"] == 60 and summary["clean_acc"] > 0.9
+    assert (tmp_path / "res" / "models" / "smallcnn-mnist-5k-standard.pt").is_file()
+    assert not list((tmp_path / "res").glob("**/*.tmp"))
