@@ -177,6 +177,15 @@ def _defense(ckpt: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
     return (str(d) if d else ""), {}
 
 
+def activation_label(ckpt, model) -> str:
+    """The leaderboard's activation: e.g. silu, or relu-sb-softplus for ReLU with a smooth backward
+    pass (the name the model zoo gives such checkpoints)."""
+    spec = getattr(model, "spec", {}) or {}
+    act = ckpt.get("activation") or spec.get("activation") or ""
+    sb = ckpt.get("smooth_backward") or spec.get("smooth_backward")
+    return f"{act}-sb-{sb}" if sb else act
+
+
 def load_model(spec: RunSpec, console=None, quiet: bool = False):
     """(model, dataset, info) for a run: the checkpoint, or the zoo baseline (trained when missing)."""
     from .checkpoint import file_sha256, model_from_checkpoint, read_checkpoint
@@ -207,7 +216,7 @@ def load_model(spec: RunSpec, console=None, quiet: bool = False):
             "dataset": ds.name,
             "defense": defense or ("standard" if ckpt.get("format") else ""),
             "defense_params": json.dumps(defense_params, sort_keys=True) if defense_params else "",
-            "activation": ckpt.get("activation") or (model.spec.get("activation") if hasattr(model, "spec") else ""),
+            "activation": activation_label(ckpt, model),
             "checkpoint_metrics": ckpt.get("metrics") or {}, "flags": flags}
     return model, ds, info
 

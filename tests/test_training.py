@@ -243,6 +243,12 @@ def test_train_robust_cli_smooth_backward_and_averaging_names(tmp_path):
     ck = read_checkpoint(out)
     assert ck["smooth_backward"] == "softplus" and ck["defense"]["smooth_backward"] == "softplus"
     assert ck["defense"]["averaging"] == "swa" and not (tmp_path / "leaderboard.csv").exists()
+    r = runner.invoke(app, ["attack", "--checkpoint", str(out), "--eps", "0.1", "-n", "20", "--attack", "fgsm",
+                            "--device", "cpu", "--results-dir", str(tmp_path), "--no-masking-checks"])
+    assert r.exit_code == 0, r.output
+    import pandas as pd
+
+    assert set(pd.read_csv(tmp_path / "leaderboard.csv")["activation"]) == {"relu-sb-softplus"}
 
 
 @pytest.mark.parametrize("extra, match", [
