@@ -439,6 +439,7 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
             corr_acc = torch.zeros((), device=device)
             adv_acc = torch.zeros((), device=device)
             extra_sums: Dict[str, torch.Tensor] = {}
+            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
             for b in range(steps_per_epoch):
                 idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 xb, yb = x_train[idx], y_train[idx]
@@ -456,9 +457,7 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
                     begin_step(epoch, b, steps_per_epoch)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                     outp = method.loss(net, xb, yb, ids_all[idx], epoch)
-                if not torch.isfinite(outp.loss):
-                    raise AdvbenchError(f"training diverged at epoch {epoch} step {b} (loss is {outp.loss.item()}); "
-                                        f"lower --lr")
+                nonfinite |= ~torch.isfinite(outp.loss.detach())  # checked every 10 steps: no per-step host sync
                 opt.zero_grad(set_to_none=True)
                 # DDP averages gradients over ranks; weighting each rank's mean loss by its share of
                 # the global batch makes that average the gradient of the global batch's mean loss
@@ -481,6 +480,9 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
                     extra_sums[k] = extra_sums.get(k, 0.0) + v * bs
                 seen += bs
                 if b % 10 == 0 or b == steps_per_epoch - 1:
+                    if nonfinite.item():  # every rank sees it at the same step (DDP averages NaN gradients)
+                        raise AdvbenchError(f"training diverged at epoch {epoch}: the loss is not finite by step "
+                                            f"{b + 1} of {steps_per_epoch}; lower --lr")
                     el = time.perf_counter() - t0
                     shown = corr_acc.item() / clean_seen if clean_seen else adv_acc.item() / max(1, seen)
                     progress.update(task, completed=global_seen, loss=loss_acc.item() / max(1, seen),
