@@ -5,7 +5,15 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `init()` then joins the process group (NCCL on CUDA,
 gloo on CPU). Without those variables everything here is a no-op and the code runs as a single
-process. Only rank 0 writes files (checkpoints, metrics, leaderboard rows).
+process. Only rank 0 writes files (checkpoints, metrics, leaderboard rows) and prints.
+
+Evaluation (suite.execute_run): each rank attacks the strided shard ``shard(n)``; randomness is keyed
+by sample id (robustbench_lite.rng), so the gathered per-sample outcomes equal a single-process run.
+Training (training.train): every rank holds the data and steps through the same global batches;
+each takes the strided share of a batch, its mean loss weighted by (share x world / batch), so
+DistributedDataParallel's gradient average is the global batch's gradient and N processes take the
+steps one would (up to float summation order; BatchNorm statistics stay per rank). This replaces
+torch's DistributedSampler, which would change the batch composition and with it the results.
 """
 from __future__ import annotations
 
