@@ -29,7 +29,7 @@ python3 benchmarks/attack_speed.py --device cuda --models resnet18,preact-resnet
   --no-early-stopping --json "$O/attack_speed.json" 2>&1 | tee "$O/attack_speed.log"
 
 python3 benchmarks/train_speed.py --device cuda --model preact-resnet18 --dataset npz:data/cifar10.npz \
-  --n 3968 --batch-size 128 --repeats 2 --lr 0.05 --optimizer sgd \
+  --n-images 3968 --batch-size 128 --repeats 2 --lr 0.05 --optimizer sgd \
   --variants base,bf16,channels_last,bf16+channels_last --json "$O/train_speed.json" 2>&1 | tee "$O/train_speed.log"
 
 if [ "$mode" = full ]; then

@@ -18,7 +18,7 @@ buys, data-parallel runs, and the fast-AT recipe end to end.
 
     python benchmarks/train_speed.py --device cpu --json results/bench_train_speed.json
     python benchmarks/train_speed.py --device cuda --model preact-resnet18 --dataset npz:.bench/cifar10.npz \\
-        --n 10000 --batch-size 128 --variants base,bf16,channels_last,bf16+channels_last,compile \\
+        --n-images 10000 --batch-size 128 --variants base,bf16,channels_last,bf16+channels_last,compile \\
         --fast-at 15 --fast-at-variant bf16+channels_last --json results/bench_train_speed_gpu.json
     torchrun --standalone --nproc-per-node 2 benchmarks/train_speed.py ...   # DDP: rank 0 reports
 
@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smallcnn")
     p.add_argument("--dataset", default="mnist-5k")
     p.add_argument("--eps", default=None, help="default: 0.3 for 1-channel data, 8/255 for colour")
-    p.add_argument("--n", type=int, default=1024, help="images per timed epoch")
+    p.add_argument("--n-images", "--n", dest="n", type=int, default=1024,
+                   help="images per timed epoch (under torchrun spell it --n-images: torchrun takes --n)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--methods", default="standard,fgsm-rs,pgd-at",
                    help="comma-separated; pgd-at:K sets K inner steps (pgd-at means K=7)")
