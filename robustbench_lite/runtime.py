@@ -74,8 +74,26 @@ def accelerate(model: torch.nn.Module, device: torch.device, channels_last: bool
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
-        model = torch.compile(model, dynamic=True)
+        model = compile_model(model)
     return model
+
+
+# One model meets several guard sets in a run: grad mode on/off (training vs metrics), input
+# requires_grad (attacks), parameters' requires_grad (frozen during attacks), batch sizes 1 and
+# >= 2 (the shrinking batch); train-robust with its final evaluation needs 8-9 graphs. Above
+# torch's default limit of 8, dynamo silently falls back to eager for the rest.
+RECOMPILE_LIMIT = 32
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile with dynamic shapes (early stopping shrinks the batch) and room for every
+    graph variant a run needs."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if isinstance(getattr(dynamo_config, name, None), int):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+    return torch.compile(model, dynamic=True)
 
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

@@ -298,7 +298,9 @@ def _training_module(model, cfg: TrainConfig, device: torch.device, ctx) -> torc
     in DistributedDataParallel under torchrun. It shares ``model``'s parameters, so the optimiser,
     checkpoints and weight averaging keep working on ``model``; attacks unwrap the DDP layer
     (attacks.engine.unwrap) and so run the compiled local module."""
-    net = torch.compile(model, dynamic=True) if cfg.compile else model
+    from .runtime import compile_model
+
+    net = compile_model(model) if cfg.compile else model
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
