@@ -10,6 +10,9 @@ attack` is one run; `advbench run SUITE.yaml` is a run per model of the suite:
     batch_size: 200
     seed: 0
     device: auto                      # auto | cpu | cuda
+    masking_checks: true              # optional: the gradient-masking checks after each run
+    channels_last: false              # optional fast paths, as the CLI's flags
+    compile: false
     models:
       - name: smallcnn                # zoo baseline (trained and cached when missing)
       - name: smallcnn
@@ -21,6 +24,7 @@ attack` is one run; `advbench run SUITE.yaml` is a run per model of the suite:
     attacks:
       - fgsm
       - {name: pgd, steps: 40, restarts: 2, loss: margin, label: pgd-40-margin}
+      - {name: apgd-t, steps: 100, n_target_classes: 3, rho: 0.75}   # an attack's own parameters too
 
 Suites are read with yaml.safe_load (tags such as !!python/... are refused) and validated with
 errors that name the file, the line and the bad key. Paths are relative to the current directory.
@@ -358,7 +362,7 @@ def result_tables(record: RunRecord) -> List[Any]:
 
 # --- suites --------------------------------------------------------------------------------------
 TOP_KEYS = ("name", "description", "dataset", "data_dir", "download", "n_examples", "batch_size", "seed", "device",
-            "results_dir", "models", "threats", "attacks")
+            "results_dir", "masking_checks", "channels_last", "compile", "models", "threats", "attacks")
 MODEL_KEYS = ("name", "checkpoint", "dataset")
 THREAT_KEYS = ("norm", "eps")
 ATTACK_KEYS = ("name", "label") + ATTACK_PARAMS
@@ -407,7 +411,9 @@ class Suite:
                         batch_size=s.get("batch_size", 256), device=device or s.get("device", "auto"),
                         seed=s.get("seed", 0), results_dir=results_dir or s.get("results_dir", "results"),
                         data_dir=s.get("data_dir"), download=bool(s.get("download", False)),
-                        source=f"advbench run {self.path}", flags=[f"suite={self.name}"])
+                        source=f"advbench run {self.path}", flags=[f"suite={self.name}"],
+                        masking_checks=bool(s.get("masking_checks", True)),
+                        channels_last=bool(s.get("channels_last", False)), compile=bool(s.get("compile", False)))
                 for m in self.models]
 
 
@@ -493,7 +499,9 @@ def load_suite(path) -> Suite:
                              ("dataset", str, "a dataset name"), ("data_dir", str, "a path"),
                              ("download", bool, "true or false"), ("n_examples", numbers.Integral, "an integer"),
                              ("batch_size", numbers.Integral, "an integer"), ("seed", numbers.Integral, "an integer"),
-                             ("device", str, "auto, cpu or cuda"), ("results_dir", str, "a path")):
+                             ("device", str, "auto, cpu or cuda"), ("results_dir", str, "a path"),
+                             ("masking_checks", bool, "true or false"), ("channels_last", bool, "true or false"),
+                             ("compile", bool, "true or false")):
         v = typed(data, loc, key, kinds, what, "")
         if v is not None:
             settings[key] = v
@@ -586,10 +594,12 @@ def load_suite(path) -> Suite:
             a = {"name": a}
         if not isinstance(a, dict) or "name" not in a:
             raise err(il.line, f"{section} must be an attack name or a mapping with a name")
+        canonical = _wrap(lambda: attack_pkg.ATTACKS.canonical(str(a["name"])), where, il.child("name").line)
+        # the engine's parameters, and the attack's own (APGD: rho, momentum, n_target_classes)
+        allowed = ATTACK_KEYS + tuple(getattr(attack_pkg.ATTACKS.get(canonical), "extra_defaults", {}) or {})
         for k in a:
-            if k not in ATTACK_KEYS:
-                raise _unknown(where, il.key_line(k), k, section, ATTACK_KEYS)
-        _wrap(lambda: attack_pkg.ATTACKS.canonical(str(a["name"])), where, il.child("name").line)
+            if k not in allowed:
+                raise _unknown(where, il.key_line(k), k, section, allowed)
         raw.append(a)
         lines.append(il.line)
     specs = _wrap(lambda: parse_attack_specs(raw), where, sl.line)

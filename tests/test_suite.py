@@ -173,3 +173,33 @@ def test_cli_run_a_tiny_suite(tmp_path, trained_smallcnn_path):
     assert "source: advbench run" in (run_dir / "config.yaml").read_text()
     r = runner.invoke(app, ["run", str(p), "--dry-run"])
     assert r.exit_code == 0 and "suite tiny: 1 model(s) x 3 threat model(s) x 3 attack(s)" in r.stdout
+
+
+def test_suite_sets_masking_checks_fast_paths_and_an_attacks_own_parameters(tmp_path, trained_smallcnn_path):
+    text = f"""\
+        n_examples: 20
+        device: cpu
+        masking_checks: false
+        channels_last: true
+        models:
+          - name: smallcnn
+            checkpoint: {trained_smallcnn_path}
+        threats: [{{norm: linf, eps: 0.1}}]
+        attacks:
+          - {{name: apgd-t, steps: 5, n_target_classes: 2, rho: 0.5}}
+        """
+    s = load_suite(write(tmp_path, text))
+    assert s.attacks[0].params == {"steps": 5, "n_target_classes": 2, "rho": 0.5}
+    (run,) = s.runs(results_dir=str(tmp_path / "r"))
+    assert run.masking_checks is False and run.channels_last is True and run.compile is False
+    r = runner.invoke(app, ["run", str(write(tmp_path, text)), "--results-dir", str(tmp_path / "r"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)["runs"][0]
+    summary = json.loads((Path(out["run_dir"]) / "summary.json").read_text())
+    assert summary["masking"]["checked"] is False
+    assert "n_target_classes: 2" in (Path(out["run_dir"]) / "config.yaml").read_text()
+    # fgsm has no rho: refused with the keys it does take
+    assert err(tmp_path, text.replace("apgd-t, steps: 5, n_target_classes: 2, ", "fgsm, ")).startswith(
+        "S: line 10: unknown key 'rho' in attacks[0]")
+    assert err(tmp_path, text.replace("masking_checks: false", "masking_checks: sometimes")) == \
+        "S: line 3: masking_checks must be true or false (got 'sometimes')"
