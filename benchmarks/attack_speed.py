@@ -32,10 +32,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from common import sync, variant_flags, variants  # noqa: E402
+from common import input_gradient_passes, sync, variant_flags, variants  # noqa: E402
 
 import attacks  # noqa: E402
-from attacks.engine import attack_mode  # noqa: E402
 from robustbench_lite.models import create_model  # noqa: E402
 from robustbench_lite.runtime import accelerate, to_memory_format  # noqa: E402
 from robustbench_lite.threat import ThreatModel  # noqa: E402
@@ -64,21 +63,8 @@ def batches(n: int, bs: int) -> List[slice]:
 
 
 def floor_fn(model, x, y, steps, bs, amp=None) -> Callable[[], None]:
-    """k x (forward + backward to the input), parameters frozen, loss summed: the lower bound
-    (under the same autocast as the attack)."""
-
-    def run():
-        with attack_mode(model, "eval"):
-            for s in batches(len(x), bs):
-                xb, yb = x[s], y[s]
-                for _ in range(steps):
-                    xi = xb.detach().requires_grad_(True)
-                    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp is not None):
-                        logits = model(xi)
-                    loss = F.cross_entropy(logits.float(), yb, reduction="sum")
-                    torch.autograd.grad(loss, xi)
-
-    return run
+    """k x (forward + backward to the input): the lower bound (under the same autocast as the attack)."""
+    return lambda: input_gradient_passes(model, x, y, bs, amp, passes=steps)
 
 
 def attack_fn(model, attack, x, y, bs) -> Callable[[], torch.Tensor]:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 VARIANT_PARTS = ("base", "bf16", "channels_last", "compile")
 
@@ -38,7 +39,26 @@ def sync(device: torch.device) -> None:
 
 def is_main() -> bool:
     """Rank 0 under torchrun (or a single process): the one that prints and writes."""
-    return os.environ.get("RANK", "0") == "0"
+    from robustbench_lite.runtime import env_rank
+
+    return env_rank() == 0
+
+
+def input_gradient_passes(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, amp: Optional[str] = None,
+                          passes: int = 1) -> None:
+    """``passes`` x (forward + backward to the input) over (x, y) in batches, parameters frozen,
+    loss summed, under the attack's autocast: the attack step's floor."""
+    from attacks.engine import attack_mode
+
+    with attack_mode(model, "eval"):
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            for _ in range(passes):
+                xi = xb.detach().requires_grad_(True)
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp is not None):
+                    logits = model(xi)
+                loss = F.cross_entropy(logits.float(), yb, reduction="sum")
+                torch.autograd.grad(loss, xi)
 
 
 def write_json(path: Path, obj: Any) -> None:

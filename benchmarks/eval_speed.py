@@ -22,13 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import sync, variants, variant_flags, write_json  # noqa: E402
+from common import input_gradient_passes, sync, variants, variant_flags, write_json  # noqa: E402
 
-from attacks.engine import attack_mode  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.evaluator import evaluate, parse_attack_specs  # noqa: E402
 from robustbench_lite.runtime import accelerate, resolve_device, to_memory_format  # noqa: E402
@@ -39,18 +37,12 @@ from robustbench_lite.training import TrainConfig, train  # noqa: E402
 def fwd_bwd_seconds_per_image(model, x, y, bs, amp, repeats=3):
     """Time of one forward+backward to the input per image (the attack step's floor)."""
     best = float("inf")
-    with attack_mode(model, "eval"):
-        for _ in range(repeats + 1):
-            sync(x.device)
-            t0 = time.perf_counter()
-            for i in range(0, len(x), bs):
-                xi = x[i:i + bs].detach().requires_grad_(True)
-                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp is not None):
-                    logits = model(xi)
-                loss = F.cross_entropy(logits.float(), y[i:i + bs], reduction="sum")
-                torch.autograd.grad(loss, xi)
-            sync(x.device)
-            best = min(best, time.perf_counter() - t0)
+    for _ in range(repeats + 1):
+        sync(x.device)
+        t0 = time.perf_counter()
+        input_gradient_passes(model, x, y, bs, amp)
+        sync(x.device)
+        best = min(best, time.perf_counter() - t0)
     return best / len(x)
 
 

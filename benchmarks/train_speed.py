@@ -52,10 +52,9 @@ def say(msg: str) -> None:
 
 
 def method_factory(name: str, threat, seed: int):
-    key, default = METHOD_SPECS[name.split(":")[0]] if name.split(":")[0] in METHOD_SPECS else (name, {})
-    kw = dict(default)
-    if ":" in name:  # e.g. pgd-at:10 = 10 inner steps
-        kw["steps"] = int(name.split(":")[1])
+    base, _, steps = name.partition(":")  # e.g. pgd-at:10 = 10 inner steps
+    key, default = METHOD_SPECS.get(base, (base, {}))
+    kw = {**default, **({"steps": int(steps)} if steps else {})}
     return lambda: build_method(key, threat, seed=seed, **kw)
 
 
@@ -170,7 +169,6 @@ def main(argv=None) -> int:
     eps = args.eps or ("0.3" if ds.in_channels == 1 else "8/255")
     threat = ThreatModel("linf", parse_eps(eps))
     work = Path(args.work_dir)
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
     report = dict(machine=machine(), args=vars(args) | {"json": str(args.json)}, epochs=None, fast_at=None)
     if not args.skip_epochs:
         say(f"timing {args.model} on {ds.name}, {threat}: methods {', '.join(methods)}; variants "
@@ -179,7 +177,7 @@ def main(argv=None) -> int:
                            n=args.n, batch_size=args.batch_size, repeats=args.repeats, device=args.device,
                            work=work, lr=args.lr, optimizer=args.optimizer, seed=args.seed)
         report["epochs"] = epoch_rows(secs, args.n, methods, variant_list)
-        print_epoch_table(report["epochs"], args.n, args.batch_size, world)
+        print_epoch_table(report["epochs"], args.n, args.batch_size, report["machine"]["world_size"])
     if args.fast_at:
         report["fast_at"] = fast_at(args, ds, work)
     if args.json and is_main():
