@@ -47,7 +47,8 @@ from .checkpoint import build_checkpoint, read_checkpoint, save_checkpoint, load
 from .errors import AdvbenchError
 from .fileio import atomic_write_text, ensure_dir
 from . import distributed
-from .runtime import check_amp, check_positive, env_rank, progress_bar, seed_everything, to_memory_format
+from .runtime import (check_amp, check_positive, compile_model, env_rank, progress_bar, seed_everything,
+                      to_memory_format)
 
 
 SCHEDULES = ("cosine", "step", "cyclic", "constant")
@@ -298,8 +299,6 @@ def _training_module(model, cfg: TrainConfig, device: torch.device, ctx) -> torc
     in DistributedDataParallel under torchrun. It shares ``model``'s parameters, so the optimiser,
     checkpoints and weight averaging keep working on ``model``; attacks unwrap the DDP layer
     (attacks.engine.unwrap) and so run the compiled local module."""
-    from .runtime import compile_model
-
     net = compile_model(model) if cfg.compile else model
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -526,22 +525,20 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
                 if console is not None and not quiet:
                     console.print(_epoch_line(row, cfg.epochs))
                     console.print(stopped, style="bold red", markup=False, highlight=False)
-                if not ctx.is_main:
-                    pass
-                elif epoch > 1:
+                if ctx.is_main:  # rank 0 writes; the others roll back in memory only
                     _write_metrics(metrics_path(out), history)
-                    ck = read_checkpoint(out)  # the previous epoch's, still on disk
-                    ck["extra"]["train_state"].update(history=history, stopped=stopped)
-                    save_checkpoint(out, ck)
-                else:  # nothing worth shipping was trained: keep the initial weights, marked stopped
-                    _write_metrics(metrics_path(out), history)
-                    state0 = {"history": history, "best_score": best_score, "config": asdict(cfg),
-                              "averager": averager.state_dict() if averager is not None else None,
-                              "stopped": stopped}
-                    ck = build_checkpoint(model, dataset=ds.name, defense=_defense_config(method, averager, cfg),
-                                          metrics={}, epoch=0, optimizer=opt.state_dict(),
-                                          extra={"train_state": state0})
-                    save_checkpoint(out, ck)
+                    if epoch > 1:
+                        ck = read_checkpoint(out)  # the previous epoch's, still on disk
+                        ck["extra"]["train_state"].update(history=history, stopped=stopped)
+                        save_checkpoint(out, ck)
+                    else:  # nothing worth shipping was trained: keep the initial weights, marked stopped
+                        state0 = {"history": history, "best_score": best_score, "config": asdict(cfg),
+                                  "averager": averager.state_dict() if averager is not None else None,
+                                  "stopped": stopped}
+                        ck = build_checkpoint(model, dataset=ds.name,
+                                              defense=_defense_config(method, averager, cfg), metrics={}, epoch=0,
+                                              optimizer=opt.state_dict(), extra={"train_state": state0})
+                        save_checkpoint(out, ck)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, row)
                 break
@@ -552,9 +549,23 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
                 score = float(row.get(select, -math.inf))
                 if score > best_score:
                     best_score, improved = score, True
-            if ctx.is_main:
-                _save_epoch(out, best_out if improved else None, row, history, best_score, cfg, ds, method,
-                            averager, model, eval_model, opt, epoch)
+            if ctx.is_main:  # the end-of-epoch files: best.pt (if improved), the resumable last checkpoint, metrics
+                metrics = {k: v for k, v in row.items() if k != "epoch"}
+                train_state = {"history": history, "best_score": best_score,
+                               "averager": averager.state_dict() if averager is not None else None,
+                               "config": asdict(cfg), "stopped": None}
+                ck = build_checkpoint(eval_model, dataset=ds.name, defense=_defense_config(method, averager, cfg),
+                                      metrics=metrics, epoch=epoch, optimizer=opt.state_dict(),
+                                      extra={"train_state": train_state})
+                if eval_model is not model:  # resume needs the raw weights; the averaged ones are what we ship
+                    ck["extra"]["train_state"]["raw_state_dict"] = {k: v.detach().cpu() for k, v in
+                                                                     model.state_dict().items()}
+                # best.pt first: the last checkpoint records best_score, so once it is written a resume
+                # will not rewrite best.pt for this epoch
+                if improved and best_out is not None:
+                    save_checkpoint(best_out, {**ck, "optimizer": None, "extra": {"best_epoch": epoch}})
+                save_checkpoint(out, ck)
+                _write_metrics(metrics_path(out), history)
             if console is not None and not quiet:
                 console.print(_epoch_line(row, cfg.epochs))
             if on_epoch_end is not None:
@@ -565,28 +576,6 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
     return TrainResult(out=out, epochs_run=epochs_run, metrics=history, model=final,
                        best_out=best_out if best_out is not None and best_out.exists() else None,
                        stopped=stopped)
-
-
-def _save_epoch(out: Path, best_out: Optional[Path], row, history, best_score, cfg, ds, method, averager,
-                model, eval_model, opt, epoch) -> None:
-    """The end-of-epoch files: best.pt (when this epoch improved), the resumable last checkpoint,
-    the metrics CSV."""
-    metrics = {k: v for k, v in row.items() if k != "epoch"}
-    train_state = {"history": history, "best_score": best_score,
-                   "averager": averager.state_dict() if averager is not None else None,
-                   "config": asdict(cfg), "stopped": None}
-    ck = build_checkpoint(eval_model, dataset=ds.name, defense=_defense_config(method, averager, cfg),
-                          metrics=metrics, epoch=epoch, optimizer=opt.state_dict(),
-                          extra={"train_state": train_state})
-    if eval_model is not model:  # resume needs the raw weights; the averaged ones are what we ship
-        ck["extra"]["train_state"]["raw_state_dict"] = {k: v.detach().cpu() for k, v in
-                                                         model.state_dict().items()}
-    # best.pt first: the last checkpoint records best_score, so once it is written a resume
-    # will not rewrite best.pt for this epoch
-    if best_out is not None:
-        save_checkpoint(best_out, {**ck, "optimizer": None, "extra": {"best_epoch": epoch}})
-    save_checkpoint(out, ck)
-    _write_metrics(metrics_path(out), history)
 
 
 def _defense_config(method, averager, cfg: Optional[TrainConfig] = None) -> Dict[str, Any]:
