@@ -25,7 +25,8 @@ except ImportError:  # pragma: no cover - older typer on real click
 
     NoArgsIsHelpError = ()  # type: ignore[assignment]
 
-console = Console(soft_wrap=True, quiet=os.environ.get("RANK", "0") != "0")  # under torchrun only rank 0 talks (errors: all)
+# under torchrun only rank 0 talks (errors: every rank); RANK read here to keep torch out of start-up
+console = Console(soft_wrap=True, quiet=os.environ.get("RANK", "0") != "0")
 err_console = Console(stderr=True)
 
 
@@ -105,18 +106,13 @@ def list_cmd():
 
 # --- train ------------------------------------------------------------------------------------
 _BATCH_HELP = "Global batch size: under torchrun each process takes its share of every batch."
-
-
-def _speed_options():
-    """The CUDA fast paths of the training commands, each a flag (also accepted on CPU)."""
-    return dict(
-        amp=typer.Option(None, "--amp", help="bf16: forward passes (inner attack included) under torch.autocast."),
-        channels_last=typer.Option(False, "--channels-last", help="NHWC memory format (faster convs on GPU)."),
-        compile=typer.Option(False, "--compile", help="torch.compile the model for the training steps."),
-    )
-
-
-_SPEED = _speed_options()
+_SCHEDULE_HELP = "cosine, step, cyclic (fast AT's triangle: 0 -> --lr at 2/5 -> 0) or constant."
+# the CUDA fast paths of the training commands, each a flag (also accepted on CPU)
+_SPEED = dict(
+    amp=typer.Option(None, "--amp", help="bf16: forward passes (inner attack included) under torch.autocast."),
+    channels_last=typer.Option(False, "--channels-last", help="NHWC memory format (faster convs on GPU)."),
+    compile=typer.Option(False, "--compile", help="torch.compile the model for the training steps."),
+)
 def _train_options_doc() -> str:
     return "Standard (non-adversarial) training with a progress bar, per-epoch test accuracy and checkpoints."
 
@@ -131,7 +127,7 @@ def train_cmd(
     batch_size: int = typer.Option(64, "--batch-size", help=_BATCH_HELP),
     lr: float = typer.Option(0.05, "--lr"),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adam."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine, step, cyclic (fast AT's triangle: 0 -> --lr at 2/5 -> 0) or constant."),
+    schedule: str = typer.Option("cosine", "--schedule", help=_SCHEDULE_HELP),
     weight_decay: float = typer.Option(5e-4, "--weight-decay"),
     augment: bool = typer.Option(False, "--augment/--no-augment", help="Random crop (+ flip for colour)."),
     activation: str = typer.Option("relu", "--activation", help="Activation (see `advbench list`)."),
@@ -204,7 +200,7 @@ def train_robust_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help=_BATCH_HELP),
     lr: float = typer.Option(0.001, "--lr"),
     optimizer: str = typer.Option("adam", "--optimizer", help="sgd or adam."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine, step, cyclic (fast AT's triangle: 0 -> --lr at 2/5 -> 0) or constant."),
+    schedule: str = typer.Option("cosine", "--schedule", help=_SCHEDULE_HELP),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     augment: bool = typer.Option(False, "--augment/--no-augment", help="Random crop (+ flip for colour)."),
     seed: int = typer.Option(0, "--seed"),
