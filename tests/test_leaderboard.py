@@ -234,3 +234,23 @@ def test_csv_is_rolled_back_when_the_markdown_write_fails(tmp_path, monkeypatch,
         lb.append(tmp_path, run_rows("r2", "m", {"pgd": 0.2}, 0.2))
     assert ((p.read_bytes(), p.stat().st_mtime_ns) if p.exists() else None) == before
     assert not [q for q in os.listdir(tmp_path) if q.endswith(".tmp")]
+
+
+def test_train_robust_whose_best_epoch_is_its_last_is_recorded_once(tmp_path):
+    """Issue 12 item 5: with one epoch, best.pt holds the final weights: one evaluation, one run in
+    the leaderboard (flagged final+best), not two runs with the same numbers."""
+    from typer.testing import CliRunner
+
+    from robustbench_lite.cli import app
+    from robustbench_lite.training import _same_weights
+
+    results = tmp_path / "results"
+    r = CliRunner().invoke(app, ["train-robust", "--model", "lenet", "--epochs", "1", "--n-train", "200",
+                                 "--val-size", "100", "--val-steps", "2", "--eval-steps", "2", "--n-eval", "50",
+                                 "--device", "cpu", "--results-dir", str(results), "--out", str(tmp_path / "m.pt")])
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "m.best.pt").is_file() and _same_weights(tmp_path / "m.pt", tmp_path / "m.best.pt")
+    assert "best epoch is the last one: evaluated once" in r.stdout
+    df = lb.read(results)
+    assert df["run_id"].nunique() == 1 and len(list((results / "runs").iterdir())) == 1
+    assert set(df["flags"].str.split(";").explode()) >= {"train-robust:final+best"}

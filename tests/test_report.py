@@ -204,3 +204,21 @@ def test_report_in_a_read_only_run_folder_is_one_line(report_world):
     finally:
         os.chmod(run_dir, 0o755)
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+
+
+def test_atypical_budget_warns_on_stderr_and_flags_the_run(tmp_path, trained_smallcnn_path):
+    """Issue 12 item 15: 8/255 on MNIST digits is a colour-image budget: one warning line on stderr
+    and an atypical-eps flag; the first line says which dataset is used and why."""
+    results = tmp_path / "results"
+    r = run("attack", "--checkpoint", trained_smallcnn_path, "--eps", "8/255", "--attack", "fgsm", "-n", "16",
+            "--device", "cpu", "--results-dir", results)
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr == ("warning: linf eps=8/255 is small for mnist-5k (grey-scale 1x28x28 images): typical linf "
+                        "budgets are 0.1-0.4 (0.3 for MNIST, Madry et al.)\n")
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("attacking smallcnn (") and "on 16 mnist-5k test images (the checkpoint's dataset" in first
+    with open(results / "leaderboard.csv") as f:
+        assert all("atypical-eps" in row["flags"].split(";") for row in csv.DictReader(f))
+    r = run("attack", "--checkpoint", trained_smallcnn_path, "--eps", "0.3", "--attack", "fgsm", "-n", "16",
+            "--device", "cpu", "--results-dir", results, "--dataset", "mnist-5k")
+    assert r.exit_code == 0 and r.stderr == "" and "test images (given with --dataset)" in r.stdout
