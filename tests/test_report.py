@@ -123,8 +123,9 @@ def test_masked_model_warns_in_terminal_summary_and_leaderboard(tmp_path, traine
 def test_autoattack_acc_only_for_the_autoattack_style_suite():
     from robustbench_lite.report import autoattack_like, robustbench_info
 
-    summary = {"clean_acc": 0.9, "threats": [{"norm": "linf", "eps": 0.3, "worst_case": {"robust_acc": 0.5},
-                                              "attacks": {"apgd-ce": {"robust_acc": 0.6}, "apgd-t": {"robust_acc": 0.5}}}]}
+    accs = {"apgd-ce": {"robust_acc": 0.6}, "apgd-t": {"robust_acc": 0.5}}
+    summary = {"clean_acc": 0.9,
+               "threats": [{"norm": "linf", "eps": 0.3, "worst_case": {"robust_acc": 0.5}, "attacks": accs}]}
     std = {"attacks": [{"label": "apgd-ce", "name": "apgd-ce", "resolved": {"steps": 100}},
                        {"label": "apgd-t", "name": "apgd-t", "resolved": {"steps": 100}}]}
     info = robustbench_info(std, summary)

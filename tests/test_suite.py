@@ -245,7 +245,8 @@ def test_billion_laughs_is_refused_before_it_is_built(tmp_path):
 
 def test_attack_fields_of_the_wrong_type_name_the_line(tmp_path):
     base = "models: [smallcnn]\nthreats: [{norm: linf, eps: 0.1}]\nattacks:\n  - name: pgd\n    steps: 2\n"
-    assert err(tmp_path, base + "    label: [a, b]\n") == "S: line 6: attacks[0].label must be a string (got ['a', 'b'])"
+    assert err(tmp_path, base + "    label: [a, b]\n") == \
+        "S: line 6: attacks[0].label must be a string (got ['a', 'b'])"
     assert err(tmp_path, base + "    label: ''\n") == "S: line 6: attacks[0].label must not be empty"
     assert err(tmp_path, base.replace("name: pgd", "name: [pgd]")) == \
         "S: line 4: attacks[0].name must be an attack name (got ['pgd'])"
