@@ -265,12 +265,20 @@ def attack_cmd(
     suite: Optional[str] = typer.Option(None, "--suite", help="A named attack list instead of --attack: standard "
                                                              "(apgd-ce + apgd-t, 100 iterations: AutoAttack-style "
                                                              "worst case) or quick (fgsm + pgd-20)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Steps of the iterative attacks (bim, pgd)."),
-    alpha: Optional[str] = typer.Option(None, "--alpha", help="Step size of the iterative attacks (e.g. 2/255)."),
-    restarts: Optional[int] = typer.Option(None, "--restarts", help="Random restarts of pgd."),
-    loss: Optional[str] = typer.Option(None, "--loss", help="ce or margin."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Steps of the iterative attacks (default per attack: "
+                                                              "bim 10, pgd 10, apgd-* 100; see `advbench list`)."),
+    alpha: Optional[str] = typer.Option(None, "--alpha", help="Step size of the iterative attacks, e.g. 2/255 "
+                                                              "(default per attack: bim 1.25*eps/steps, pgd "
+                                                              "2.5*eps/steps, apgd-* 2*eps then adaptive)."),
+    restarts: Optional[int] = typer.Option(None, "--restarts", help="Random restarts of the random-start attacks "
+                                                                    "(default per attack: pgd 1, apgd-* 1)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="ce, margin, dlr, ... (default per attack: ce; apgd-dlr "
+                                                            "dlr, apgd-t dlr-targeted)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d",
-                                          help="Dataset name or npz:PATH (default: the checkpoint's, else mnist-5k)."),
+                                          help="Dataset name or npz:PATH. Default: the checkpoint's dataset, else "
+                                               "mnist-5k (MNIST digits, 1x28x28) whatever the model: "
+                                               "`--model resnet18` alone evaluates MNIST; give --dataset cifar10 "
+                                               "(with --data-dir/--download) for colour images."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where torchvision datasets live."),
     download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint to evaluate."),

@@ -2,8 +2,13 @@
 
 ``<results>/leaderboard.csv`` is the source of truth: one row per run x threat model x attack,
 plus one ``worst-case`` row per run x threat model. ``<results>/leaderboard.md`` is rendered from
-it (pandas): one section per dataset x threat model, one row per model (+ checkpoint, defense,
-activation; its latest run), columns clean / each attack / worst case, sorted by worst case.
+it (pandas): one section per dataset x threat model, one row per model entry (model, checkpoint
+sha256 (its first 12 hex digits), defense, activation), columns clean / each attack / worst case
+and n, sorted by worst case. A leaderboard ranks by the strongest evidence, as RobustBench reports
+the strongest known attack: each entry shows, of all its runs at that threat model, the run with
+the LOWEST worst-case robust accuracy (ties: the one with more examples, then the latest), so a
+stronger later evaluation (APGD, more steps) replaces a weaker one, and a weak quick run never
+hides it.
 
 Every run also gets ``<results>/runs/<run_id>/`` with ``config.yaml`` (the resolved
 configuration), ``summary.json`` and ``outcomes.csv`` (per-sample outcomes).
@@ -11,7 +16,9 @@ configuration), ``summary.json`` and ``outcomes.csv`` (per-sample outcomes).
 Safety: appends hold an exclusive lock on ``leaderboard.csv.lock`` while they read the CSV,
 append, write a temp file and rename it over the CSV, then re-render the markdown; concurrent
 runs lose no row and a crash never leaves a partial row. A corrupt CSV is never overwritten
-(the append fails with an AdvbenchError naming it).
+(the append fails with an AdvbenchError naming it). A run's record is all or nothing: both
+destinations are checked before anything is written, and if the markdown cannot be replaced
+after the CSV was, the previous CSV (its bytes and mtime) is put back.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from .errors import AdvbenchError
-from .fileio import atomic_write_text, ensure_dir, locked
+from .fileio import atomic_write, atomic_write_text, ensure_dir, locked
 from .threat import format_eps
 
 CSV_NAME = "leaderboard.csv"
@@ -208,7 +215,8 @@ def append(results_dir, rows: Iterable[Mapping[str, Any]]) -> Path:
 
     rows = [dict(r) for r in rows]
     results_dir = ensure_dir(results_dir)
-    path = csv_path(results_dir)
+    path, md = csv_path(results_dir), md_path(results_dir)
+    check_writable(results_dir)
     try:
         with locked(path):
             df = read(results_dir)
@@ -218,11 +226,36 @@ def append(results_dir, rows: Iterable[Mapping[str, Any]]) -> Path:
             out = pd.concat([df.reindex(columns=cols), new.reindex(columns=cols)], ignore_index=True).fillna("")
             csv_text = out.to_csv(index=False, lineterminator="\n")
             md_text = render_markdown(out)  # both texts first: a failure here changes no file
+            old = (path.read_bytes(), path.stat()) if path.is_file() else None
             atomic_write_text(path, csv_text)
-            atomic_write_text(md_path(results_dir), md_text)
+            try:
+                atomic_write_text(md, md_text)
+            except BaseException:  # the CSV must not keep rows the record does not have: put it back
+                _restore(path, old)
+                raise
     except OSError as exc:
         raise AdvbenchError(f"cannot write the leaderboard in {results_dir}: {exc.strerror or exc}") from None
     return path
+
+
+def check_writable(results_dir) -> None:
+    """Both destinations of an append can be replaced: neither is a directory (or another non-file)
+    and the folder is writable (ensure_dir); an AdvbenchError naming the path otherwise."""
+    ensure_dir(results_dir)
+    for p in (csv_path(results_dir), md_path(results_dir)):
+        if p.exists() and not p.is_file():
+            what = "a directory" if p.is_dir() else "not a regular file"
+            raise AdvbenchError(f"cannot write the leaderboard: {p} is {what}; move it away")
+
+
+def _restore(path: Path, old) -> None:
+    """Put back the CSV as it was before an append (``old``: its bytes and stat, or None: no CSV)."""
+    if old is None:
+        path.unlink(missing_ok=True)
+        return
+    data, st = old
+    atomic_write(path, lambda f: f.write(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 # --- filtering and rendering ---------------------------------------------------------------------
@@ -256,9 +289,36 @@ def _pct(v) -> str:
     return "–" if math.isnan(f) else f"{100 * f:.2f}"
 
 
+SHA_SHOWN = 12  # hex digits of checkpoint_sha256 shown (and grouped by: old rows hold shorter hashes)
+SELECTION_RULE = ("One row per model entry (model, checkpoint, defense, activation): of its runs at this threat "
+                  "model, the one with the lowest worst-case robust accuracy (the strongest evaluation, as "
+                  "RobustBench reports the strongest known attack; ties: more examples, then the latest); n is "
+                  "that run's number of examples.")
+
+
+def _strongest_runs(g):
+    """run_id per model entry of one section: the run with the lowest worst case (its worst-case row,
+    else its lowest attack), ties broken by more examples, then the latest."""
+    import pandas as pd
+
+    per_run = []
+    for run_id, r in g.groupby("run_id", sort=False):
+        wc = r.loc[r["attack"] == WORST_CASE, "_robust"]
+        n = pd.to_numeric(r["n_examples"].iloc[0], errors="coerce")
+        per_run.append({"run_id": run_id, "_entry": r["_entry"].iloc[0],
+                        "_worst": float(wc.min()) if len(wc) else float(r["_robust"].min()),
+                        "_n": 0.0 if pd.isna(n) else float(n), "_ts": str(r["timestamp"].iloc[0])})
+    runs = pd.DataFrame(per_run)
+    runs["_nan"] = runs["_worst"].isna()
+    runs = runs.sort_values(["_nan", "_worst", "_n", "_ts", "run_id"], ascending=[True, True, False, False, False],
+                            kind="stable")
+    return set(runs.groupby("_entry", sort=False)["run_id"].first())
+
+
 def table(df):
-    """The leaderboard as a list of sections: (title, DataFrame) with one row per model entry
-    (its latest run), columns clean / attacks / worst case (fractions), sorted by worst case."""
+    """The leaderboard as a list of sections: (title, DataFrame) with one row per model entry (its
+    strongest run: SELECTION_RULE), columns clean / attacks / worst case (fractions), sorted by
+    worst case."""
     import pandas as pd
 
     if df.empty:
@@ -270,20 +330,17 @@ def table(df):
     d["_eps"] = pd.to_numeric(d["eps"])
     d["_robust"] = pd.to_numeric(d["robust_acc"])
     d["_clean"] = pd.to_numeric(d["clean_acc"])
-    entry = ["model", "checkpoint_sha256", "defense", "activation"]
+    d["_sha"] = d["checkpoint_sha256"].astype(str).str.strip().str.lower().str[:SHA_SHOWN]
+    d["_entry"] = d["model"] + "\0" + d["_sha"] + "\0" + d["defense"] + "\0" + d["activation"]
     sections = []
     for (dataset, norm, eps), g in d.groupby(["dataset", "norm", "_eps"], sort=True):
-        # per entry: its run with the most examples, the latest among equals (a quick smoke run
-        # does not replace a full evaluation)
-        g = g.assign(_n=pd.to_numeric(g["n_examples"], errors="coerce").fillna(0))
-        runs = g.sort_values(["_n", "timestamp", "run_id"]).groupby(entry, sort=False)["run_id"].last()
-        latest = g[g["run_id"].isin(set(runs.values))]
-        attacks = _attack_order(latest["attack"])
+        chosen = g[g["run_id"].isin(_strongest_runs(g))]
+        attacks = _attack_order(chosen["attack"])
         recs = []
-        for run_id, r in latest.groupby("run_id", sort=False):
+        for run_id, r in chosen.groupby("run_id", sort=False):
             first = r.iloc[0]
             rec = {"model": first["model"], "defense": first["defense"] or "–",
-                   "activation": first["activation"] or "–", "checkpoint": first["checkpoint_sha256"] or "–",
+                   "activation": first["activation"] or "–", "checkpoint": first["_sha"] or "–",
                    "n": first["n_examples"], "clean": float(first["_clean"])}
             acc = dict(zip(r["attack"], r["_robust"]))
             for a in attacks:
@@ -300,8 +357,7 @@ def table(df):
 def render_markdown(df) -> str:
     lines = ["# advbench leaderboard", "",
              "Robust accuracy (%) under each attack; *worst case* counts a sample as robust only if it "
-             "survives every attack. One row per model (checkpoint, defense, activation): its run with the "
-             "most examples, the latest among equals. "
+             "survives every attack. " + SELECTION_RULE + " "
              f"Rendered from `{CSV_NAME}` (the source of truth); do not edit by hand.", ""]
     sections = table(df)
     if not sections:

@@ -49,6 +49,10 @@ def run_dir(run_id: str, results_dir="results") -> Path:
         matches = [k for k in known if k.startswith(str(run_id))]
         if len(matches) == 1:
             return runs / matches[0]
+        if len(matches) > 1:
+            shown = ", ".join(matches[:10]) + (f" and {len(matches) - 10} more" if len(matches) > 10 else "")
+            raise AdvbenchError(f"run prefix {str(run_id)!r} is ambiguous: it matches {len(matches)} runs in {runs} "
+                                f"({shown}); give more of the run id")
         hint = f"; latest: {known[-1]}" if known else ""
         raise AdvbenchError(f"run {run_id!r} not found in {runs}{hint}")
     return p
@@ -64,6 +68,8 @@ def load_run(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         raise AdvbenchError(f"cannot read run {path}: {exc}") from None
     if not isinstance(config, dict) or not isinstance(summary, dict) or "threats" not in summary:
         raise AdvbenchError(f"run {path} is incomplete (config.yaml / summary.json)")
+    if not (path / "outcomes.csv").is_file():
+        raise AdvbenchError(f"run {path} is incomplete: {path / 'outcomes.csv'} (its per-sample outcomes) is missing")
     return config, summary
 
 
@@ -253,13 +259,28 @@ def _versions() -> Dict[str, str]:
     return out
 
 
+def autoattack_like(config: Dict[str, Any]) -> bool:
+    """Whether a run's attacks are the AutoAttack-style suite (`--suite standard`: APGD-CE and APGD-T
+    with at least its iterations), the only case its worst case may be called ``autoattack_acc``."""
+    from .suite import ATTACK_SUITES
+
+    need = {a["name"]: a.get("steps", 0) for a in ATTACK_SUITES["standard"]}
+    got: Dict[str, int] = {}
+    for a in config.get("attacks", []):
+        steps = (a.get("resolved") or {}).get("steps", (a.get("params") or {}).get("steps", 0))
+        got[a["name"]] = max(got.get(a["name"], 0), int(steps or 0))
+    return all(got.get(name, 0) >= steps for name, steps in need.items())
+
+
 def robustbench_info(config: Dict[str, Any], summary: Dict[str, Any]) -> Dict[str, Any]:
-    """RobustBench's model_info fields (name, dataset, eps, clean_acc, autoattack_acc,
-    architecture, number_forward_passes, ...), for the run's primary threat model (the first
-    norm's largest eps), plus ``advbench``: every threat, attack settings, seed, versions."""
+    """RobustBench's model_info fields (name, dataset, eps, clean_acc, architecture,
+    number_forward_passes, ...), for the run's primary threat model (the first norm's largest eps),
+    plus ``advbench``: every threat, attack settings, seed, versions. The worst case is
+    ``worst_case_acc`` with the ``attacks`` it is over; ``autoattack_acc`` (RobustBench's name) is
+    added only for an AutoAttack-style run (autoattack_like), never for e.g. a PGD-only worst case."""
     t, _ = _strongest(summary)
-    attack_names = [a["name"] for a in config.get("attacks", [])]
-    aa_like = {"apgd-ce", "apgd-t"} <= set(attack_names)
+    aa_like = autoattack_like(config)
+    worst = f"{100 * t['worst_case']['robust_acc']:.2f}"
     fwd = sum(int(a.get("stats", {}).get("forward_samples", 0)) for th in summary["threats"]
               for a in th["attacks"].values())
     defense = config.get("defense") or summary.get("defense") or ""
@@ -268,10 +289,12 @@ def robustbench_info(config: Dict[str, Any], summary: Dict[str, Any]) -> Dict[st
         "number_forward_passes": 1, "dataset": config.get("dataset"), "venue": "", "architecture": config.get("model"),
         "eps": format_eps(t["eps"]), "norm": "Linf" if t["norm"] == "linf" else "L2",
         "clean_acc": f"{100 * summary['clean_acc']:.2f}",
-        "reported": "", "autoattack_acc": f"{100 * t['worst_case']['robust_acc']:.2f}",
+        "reported": "", "worst_case_acc": worst, "attacks": list(t["attacks"]),
+        **({"autoattack_acc": worst} if aa_like else {}),
         "unreliable": bool(summary.get("warnings")),
         "footnote": ("worst case over " + ", ".join(t["attacks"]) +
-                     ("" if aa_like else " (not the full AutoAttack: treat as an upper bound)") +
+                     (" (AutoAttack-style: APGD-CE + APGD-T, without FAB-T and Square)" if aa_like else
+                      " (not AutoAttack: treat as an upper bound)") +
                      (f"; masking warnings: {len(summary.get('warnings') or [])}" if summary.get("warnings") else "")),
         "advbench": {
             "run_id": config.get("run_id"), "timestamp": config.get("timestamp"), "seed": config.get("seed"),
@@ -304,11 +327,32 @@ def _training_csv_for(config: Dict[str, Any]) -> Optional[Path]:
 def write_report(run_id: str, results_dir="results", training_csv=None, robustbench_json=None,
                  n_images: int = 8, device: str = "cpu") -> Dict[str, Any]:
     """Write the plots, robustbench.json and report.md into the run folder; returns
-    {"run_dir", "files", "notes"}."""
-    from .fileio import atomic_write_text
+    {"run_dir", "files", "notes"}. Every destination is checked first, and a write that fails all the
+    same (a full disk, a read-only folder) is an AdvbenchError naming the file."""
+    from .fileio import ensure_dir
 
     path = run_dir(run_id, results_dir)
     config, summary = load_run(path)
+    tcsv = Path(training_csv) if training_csv else _training_csv_for(config)
+    ensure_dir(path)
+    for dest in [path / name for name in REPORT_FILES] + ([Path(robustbench_json)] if robustbench_json else []):
+        if dest.exists() and not dest.is_file():
+            what = "a directory" if dest.is_dir() else "not a regular file"
+            raise AdvbenchError(f"cannot write the report: {dest} is {what}")
+    try:
+        return _write_report(path, config, summary, tcsv, robustbench_json, n_images, device)
+    except OSError as exc:
+        where = exc.filename or path
+        raise AdvbenchError(f"cannot write the report: {where}: {exc.strerror or exc}") from None
+
+
+REPORT_FILES = ("robustness_curve.png", "examples.png", "training_curves.png", "robustbench.json", "report.md")
+
+
+def _write_report(path: Path, config: Dict[str, Any], summary: Dict[str, Any], tcsv: Optional[Path],
+                  robustbench_json, n_images: int, device: str) -> Dict[str, Any]:
+    from .fileio import atomic_write_text
+
     files: List[Path] = []
     notes: List[str] = []
     files.append(plot_robustness_curve(summary, path / "robustness_curve.png"))
@@ -318,7 +362,6 @@ def write_report(run_id: str, results_dir="results", training_csv=None, robustbe
         files.append(plot_examples(ex, path / "examples.png"))
     except AdvbenchError as exc:
         notes.append(f"no example images: {exc}")
-    tcsv = Path(training_csv) if training_csv else _training_csv_for(config)
     if tcsv is not None:
         files.append(plot_training(tcsv, path / "training_curves.png"))
     info = robustbench_info(config, summary)

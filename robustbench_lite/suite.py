@@ -173,6 +173,18 @@ def validate_run(spec: RunSpec) -> None:
     resolve_device(spec.device)
 
 
+def dataset_reason(spec: RunSpec, dataset: str) -> str:
+    """Why a run evaluates on ``dataset``: the first line of `advbench attack` says it, since a
+    model name alone means the default, MNIST-like mnist-5k, whatever the architecture."""
+    if spec.dataset:
+        return "given with --dataset"
+    if spec.checkpoint and dataset != DEFAULT_DATASET:
+        return "the checkpoint's dataset"
+    if spec.checkpoint:
+        return f"the checkpoint's dataset, or the default {DEFAULT_DATASET} when it names none"
+    return f"the default: no --dataset given and no checkpoint naming one; see `advbench attack --help`"
+
+
 def _defense(ckpt: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
     d = ckpt.get("defense")
     if isinstance(d, dict):
@@ -237,6 +249,7 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     validate_run(spec)
     ensure_dir(spec.results_dir)  # an unwritable results dir fails before any work
     leaderboard.read(spec.results_dir)  # so does a corrupt leaderboard (the append would refuse it)
+    leaderboard.check_writable(spec.results_dir)  # and a leaderboard.md that is a directory
     device = resolve_device(spec.device)
     ctx = distributed.init(device)  # under torchrun: one process per device, each attacks its shard
     device = distributed.local_device(device)
@@ -245,6 +258,8 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     model, ds, info = load_model(spec, console=console, quiet=quiet)
     model = accelerate(model, device, channels_last=spec.channels_last, compile=spec.compile)
     x, y, ids = ds.subset("test", spec.n_examples, spec.seed)
+    for t in spec.threats:  # an L2 eps larger than any distance between two images of this size
+        t.check_input_shape(x.shape[1:])
     x = to_memory_format(x, spec.channels_last)
     n_total = len(y)
     if ctx.enabled:
@@ -253,7 +268,7 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     if console is not None and not quiet:
         where = f"{ctx.world_size} x {device.type} (DDP)" if ctx.enabled else str(device)
         console.print(f"attacking {info['model']} ({info['checkpoint']}) on {n_total} {info['dataset']} test "
-                      f"images: {', '.join(a.label for a in spec.attacks)} x "
+                      f"images ({dataset_reason(spec, info['dataset'])}): {', '.join(a.label for a in spec.attacks)} x "
                       f"{', '.join(str(t) for t in spec.threats)} on {where}", markup=False, highlight=False)
     progress = progress_bar(console=progress_console, quiet=quiet)
     tasks: Dict[Any, Any] = {}
@@ -280,12 +295,19 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
         if console is not None and not quiet:
             for w in masking_warnings:
                 console.print(f"[yellow]warning: {escape(w.message)}[/yellow]", highlight=False)
+    budget_warnings = [w for w in (t.atypical(x.shape[1:], info["dataset"]) for t in spec.threats) if w]
+    if budget_warnings and not quiet:
+        from rich.console import Console
+
+        warn_out = progress_console or Console(stderr=True)  # stderr: the run's output stays a table or JSON
+        for w in budget_warnings:
+            warn_out.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
     if ctx.enabled:
         info["flags"].append(f"ddp={ctx.world_size}")
     amps = sorted({str(a.params.get("amp")) for a in spec.attacks if a.params.get("amp")})
     fast = (["channels_last"] if spec.channels_last else []) + (["compile"] if spec.compile else [])
     flags = info.pop("flags") + list(spec.flags) + [f"amp={a}" for a in amps] + fast + leaderboard.environment_flags()
-    flags += sorted({w.flag for w in masking_warnings})
+    flags += sorted({w.flag for w in masking_warnings}) + (["atypical-eps"] if budget_warnings else [])
     run_id, run_dir = leaderboard.create_run_dir(spec.results_dir)
     info.update(run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                 device=str(device), seed=spec.seed, version=leaderboard.version(), flags=";".join(flags))
@@ -417,16 +439,38 @@ class Suite:
                 for m in self.models]
 
 
+MAX_NODES = 100_000  # a suite is a few hundred nodes; aliases that expand to more are a YAML bomb
+
+
 def _check_tags(node, where: str) -> None:
+    """Walk the composed node graph once (aliases make it a graph: a node reached again is not walked
+    again): only plain-data tags, no key twice in a mapping, no alias inside its own anchor (a
+    cycle: ``&a [*a]``), and at most MAX_NODES nodes counted with aliases expanded (a "billion
+    laughs" suite is refused before yaml.safe_load builds it)."""
     import yaml
 
-    stack = [node]
+    size: Dict[int, int] = {}   # id(node) -> its node count with aliases expanded (once walked)
+    on_path: set = set()        # ids of the nodes being walked (the current node's ancestors)
+    stack: List[Tuple[Any, Optional[list]]] = [(node, None)]
     while stack:
-        n = stack.pop()
+        n, kids = stack.pop()
+        if kids is not None:  # all of n's children are walked
+            on_path.discard(id(n))
+            size[id(n)] = 1 + sum(size[id(c)] for c in kids)
+            if size[id(n)] > MAX_NODES:
+                raise AdvbenchError(f"{where}: line {n.start_mark.line + 1}: this node expands to more than "
+                                    f"{MAX_NODES:,} YAML nodes through aliases: too large for a suite")
+            continue
+        if id(n) in size:  # reached again through an alias: walked already
+            continue
+        if id(n) in on_path:
+            raise AdvbenchError(f"{where}: line {n.start_mark.line + 1}: recursive alias: the node anchored here "
+                                f"contains an alias of itself")
         if n.tag not in _SAFE_TAGS:
             tag = n.tag.replace("tag:yaml.org,2002:", "!!")
             raise AdvbenchError(f"{where}: line {n.start_mark.line + 1}: tag {tag!r} is not allowed: a suite is plain "
                                 f"data (read with yaml.safe_load; python tags are refused)")
+        kids = []
         if isinstance(n, yaml.MappingNode):
             seen = {}
             for k, v in n.value:
@@ -435,9 +479,12 @@ def _check_tags(node, where: str) -> None:
                         raise AdvbenchError(f"{where}: line {k.start_mark.line + 1}: key {k.value!r} appears twice "
                                             f"(first on line {seen[k.value]})")
                     seen[k.value] = k.start_mark.line + 1
-                stack += [k, v]
+                kids += [k, v]
         elif isinstance(n, yaml.SequenceNode):
-            stack += list(n.value)
+            kids = list(n.value)
+        on_path.add(id(n))
+        stack.append((n, kids))
+        stack += [(c, None) for c in reversed(kids)]
 
 
 def _unknown(where: str, line: int, key: Any, section: str, allowed: Sequence[str]) -> AdvbenchError:
@@ -594,6 +641,13 @@ def load_suite(path) -> Suite:
             a = {"name": a}
         if not isinstance(a, dict) or "name" not in a:
             raise err(il.line, f"{section} must be an attack name or a mapping with a name")
+        typed(a, il, "name", str, "an attack name", f"{section}.")
+        if typed(a, il, "label", str, "a string", f"{section}.") is not None and not a["label"].strip():
+            raise err(il.child("label").line, f"{section}.label must not be empty")
+        if a.get("seed") is not None:  # the engine takes any integer; a suite's seeds are the CLI's
+            from .runtime import check_seed
+
+            _wrap(lambda: check_seed(a["seed"], f"{section}.seed"), where, il.child("seed").line)
         canonical = _wrap(lambda: attack_pkg.ATTACKS.canonical(str(a["name"])), where, il.child("name").line)
         # the engine's parameters, and the attack's own (APGD: rho, momentum, n_target_classes)
         allowed = ATTACK_KEYS + tuple(getattr(attack_pkg.ATTACKS.get(canonical), "extra_defaults", {}) or {})

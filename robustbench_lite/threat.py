@@ -7,8 +7,9 @@ projection onto the eps-ball, a uniform random point in the ball, and the per-sa
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -19,6 +20,37 @@ NORMS = ("linf", "l2")
 TOLERANCE = 1e-6  # ||x_adv - x|| <= eps + TOLERANCE * max(1, eps) is what every attack must satisfy
 # (relative for eps > 1: a float32 L2 norm of a projected perturbation is only exact to ~1e-7 * eps)
 _EPS_HINT = "expected a non-negative number or fraction such as 8/255, 0.03 or .5"
+# what an eps (or each side of its fraction) may look like: ASCII digits only (float() would also take
+# '0.0_3' and non-ASCII digits such as '٠.٣'), or nan / inf (refused below as not finite)
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NON_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
+
+# Typical budgets, the one table of them: (lowest, highest) per kind of image and norm. Grey-scale
+# 28x28 (MNIST-like): L-inf 0.1-0.4 (Madry et al.: 0.3), L2 1.5-3; colour (CIFAR, ImageNet): L-inf
+# 2/255-16/255 (8/255, 4/255), L2 0.25-1 (RobustBench: 0.5 on CIFAR). Outside them a run is flagged.
+TYPICAL_EPS: Dict[Tuple[str, str], Tuple[float, float]] = {
+    ("grey", "linf"): (0.1, 0.4), ("grey", "l2"): (1.5, 3.0),
+    ("colour", "linf"): (2 / 255, 16 / 255), ("colour", "l2"): (0.25, 1.0),
+}
+
+
+_TYPICAL_EXAMPLES = {("grey", "linf"): "0.3 for MNIST, Madry et al.", ("grey", "l2"): "2 for MNIST",
+                     ("colour", "linf"): "8/255 or 4/255 for CIFAR and ImageNet",
+                     ("colour", "l2"): "0.5 for CIFAR, as RobustBench"}
+
+
+def _number(part: str) -> float:
+    """One ASCII number (a ValueError otherwise); a non-zero number written so small that it
+    underflows to 0.0 (1e-400) is an AdvbenchError, not a silent eps of 0."""
+    part = part.strip()
+    if _NON_FINITE.fullmatch(part):
+        return float(part)
+    if not _NUMBER.fullmatch(part):
+        raise ValueError(part)
+    value = float(part)
+    if value == 0 and any(c in "123456789" for c in re.split("[eE]", part)[0]):
+        raise OverflowError(part)
+    return value
 
 
 def parse_eps(text: Union[str, float, int], norm: Optional[str] = None, what: str = "eps") -> float:
@@ -40,14 +72,19 @@ def parse_eps(text: Union[str, float, int], norm: Optional[str] = None, what: st
         try:
             if "/" in s:
                 num, den = s.split("/", 1)
-                fnum, fden = float(num), float(den)
+                fnum, fden = _number(num), _number(den)
                 if fden == 0:
                     raise AdvbenchError(f"invalid {what} {shown}: division by zero")
                 value = fnum / fden
+                if value == 0 and fnum != 0:
+                    raise OverflowError(s)
             else:
-                value = float(s)
+                value = _number(s)
         except ValueError:
             raise AdvbenchError(f"invalid {what} {shown}: {_EPS_HINT}") from None
+        except OverflowError:
+            raise AdvbenchError(f"invalid {what} {shown}: too small for a float64, it would become 0 "
+                                f"(write 0 for no perturbation)") from None
     if math.isnan(value) or math.isinf(value):
         raise AdvbenchError(f"invalid {what} {shown}: must be a finite number")
     if value < 0:
@@ -197,6 +234,28 @@ class ThreatModel:
 
     def label(self) -> str:
         return f"{self.norm} eps={format_eps(self.eps)}"
+
+    def check_input_shape(self, shape: Sequence[int]) -> None:
+        """Refuse an L2 budget larger than any L2 distance between two images of ``shape`` (C, H, W)
+        in [0, 1], sqrt(C*H*W): such an eps is a typo, not a threat model (L-inf eps <= 1 already)."""
+        d = math.prod(int(s) for s in shape)
+        if self.norm == "l2" and self.eps > math.sqrt(d):
+            size = "x".join(str(int(s)) for s in shape)
+            raise AdvbenchError(f"eps {format_eps(self.eps)} for l2 exceeds sqrt({d}) = {math.sqrt(d):.4g}, the "
+                                f"largest L2 distance between {size} images in [0, 1]")
+
+    def atypical(self, shape: Sequence[int], dataset: str = "") -> Optional[str]:
+        """A warning when eps is outside TYPICAL_EPS for images of ``shape`` (C, H, W) (of
+        ``dataset``), else None."""
+        kind = "grey" if int(shape[0]) == 1 else "colour"
+        lo, hi = TYPICAL_EPS[(kind, self.norm)]
+        if lo - 1e-12 <= self.eps <= hi + 1e-12 or self.eps == 0:
+            return None
+        size = "x".join(str(int(s)) for s in shape)
+        images = f"{'grey-scale' if kind == 'grey' else 'colour'} {size} images"
+        return (f"{self.norm} eps={format_eps(self.eps)} is {'small' if self.eps < lo else 'large'} for "
+                f"{f'{dataset} ({images})' if dataset else images}: typical {self.norm} budgets are "
+                f"{format_eps(lo)}-{format_eps(hi)} ({_TYPICAL_EXAMPLES[(kind, self.norm)]})")
 
     def __str__(self) -> str:
         return self.label()

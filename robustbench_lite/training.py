@@ -98,6 +98,10 @@ class TrainConfig:
                 raise AdvbenchError(f"--swa-lr must be a positive number (got {self.swa_lr})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise AdvbenchError(f"--lr must be a positive number (got {self.lr})")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise AdvbenchError(f"--weight-decay must be a finite number >= 0 (got {self.weight_decay})")
+        if not (0 <= self.momentum < 1):
+            raise AdvbenchError(f"momentum must be a number in [0, 1) (got {self.momentum})")
         if self.optimizer not in ("sgd", "adam"):
             raise AdvbenchError(f"invalid --optimizer {self.optimizer!r}: expected sgd or adam")
         if self.schedule not in SCHEDULES:
@@ -744,6 +748,14 @@ def _final_eval_recorded(checkpoint: Path, results_dir: str) -> bool:
     return bool((df["checkpoint_sha256"].astype(str) == file_sha256(checkpoint)).any())
 
 
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two checkpoints ship the same weights (their state_dicts, tensor by tensor)."""
+    sa, sb = read_checkpoint(a).get("state_dict") or {}, read_checkpoint(b).get("state_dict") or {}
+    return sa.keys() == sb.keys() and all(
+        torch.is_tensor(sa[k]) and torch.is_tensor(sb[k]) and sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype
+        and torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def run_robust_training(opts: RobustTrainOptions, console=None, quiet: bool = False) -> RobustTrainReport:
     from defenses import METHODS
 
@@ -765,6 +777,7 @@ def run_robust_training(opts: RobustTrainOptions, console=None, quiet: bool = Fa
         parse_eps(opts.eps, norm)
     ds = load_dataset(opts.dataset, data_dir=opts.data_dir, download=opts.download)
     threat = ThreatModel.parse(norm, opts.eps if opts.eps is not None else default_eps(ds))
+    threat.check_input_shape(ds.input_shape)
     from defenses.methods import AdversarialMethod
 
     warmup = opts.eps_warmup
@@ -830,6 +843,9 @@ def run_robust_training(opts: RobustTrainOptions, console=None, quiet: bool = Fa
         say("no epoch was kept (collapse in the first epoch): nothing to evaluate", markup=False, highlight=False)
         return report
     targets = [("final", out)] + ([("best", res.best_out)] if res.best_out is not None else [])
+    if res.best_out is not None and _same_weights(out, res.best_out):
+        say("best epoch is the last one: evaluated once", markup=False, highlight=False)
+        targets = [("final+best", out)]
     for label, path in targets:
         record = evaluate_and_record(path, threat, steps=opts.eval_steps, n_examples=opts.n_eval,
                                      dataset=opts.dataset, data_dir=opts.data_dir, download=opts.download,
@@ -837,7 +853,8 @@ def run_robust_training(opts: RobustTrainOptions, console=None, quiet: bool = Fa
                                      results_dir=opts.results_dir, flags=[f"train-robust:{label}"],
                                      console=console, quiet=quiet, channels_last=opts.channels_last,
                                      compile=opts.compile)
-        report.evaluations[label] = record
+        for key in label.split("+"):
+            report.evaluations[key] = record
         r = record.result
         say(f"{label} model ({path}): clean {r.clean_acc:.2%}, PGD-{opts.eval_steps} "
             f"{r.threats[0].robust_acc('pgd'):.2%} on {r.n_total} test images "

@@ -50,12 +50,12 @@ def test_rows_from_an_evaluation(tmp_path):
     assert df.to_dict(orient="records") == rows  # strings round-trip exactly
 
 
-def test_markdown_sections_sort_order_and_latest_run(tmp_path):
+def test_markdown_sections_sort_order_and_strongest_run(tmp_path):
     rows = []
     rows += run_rows("r1", "smallcnn", {"fgsm": 0.2, "pgd": 0.0}, 0.0)
     rows += run_rows("r2", "smallcnn", {"fgsm": 0.9, "pgd": 0.8}, 0.8, sha="bbbb", defense="pgd-at")
     rows += run_rows("r3", "lenet", {"fgsm": 0.5, "pgd": 0.3}, 0.3, sha="cccc")
-    rows += run_rows("r4", "smallcnn", {"fgsm": 0.4, "pgd": 0.1}, 0.1, ts="2026-02-01T00:00:00")  # newer r1
+    rows += run_rows("r4", "smallcnn", {"fgsm": 0.4, "pgd": 0.1}, 0.1, ts="2026-02-01T00:00:00")  # newer, weaker
     rows += run_rows("r5", "smallcnn", {"fgsm": 0.7, "bim": 0.6}, 0.6, eps=0.1)
     rows += run_rows("r6", "resnet18", {"pgd": 0.4}, 0.4, dataset="npz:cifar10.npz", eps=8 / 255)
     rows += run_rows("r7", "smallcnn", {"fgsm": 0.9, "pgd": 0.9}, 0.9, ts="2026-03-01T00:00:00", n=20)  # smoke run
@@ -68,15 +68,15 @@ def test_markdown_sections_sort_order_and_latest_run(tmp_path):
     lines = [ln for ln in sec.splitlines() if ln.startswith("|")]
     assert lines[0] == "| # | model | defense | activation | checkpoint | n | clean | fgsm | pgd | worst case | run |"
     body = lines[2:]
-    assert len(body) == 3  # r1 is superseded by r4 (same model, checkpoint, defense); r7 has fewer examples
-    assert [b.split(" | ")[-1].strip(" |`") for b in body] == ["r2", "r3", "r4"]  # worst case 80 > 30 > 10
+    assert len(body) == 3  # r4 and r7 (same model, checkpoint, defense) are weaker evaluations than r1
+    assert [b.split(" | ")[-1].strip(" |`") for b in body] == ["r2", "r3", "r1"]  # worst case 80 > 30 > 0
     assert body[0].startswith("| 1 | smallcnn | pgd-at | relu | `bbbb` | 100 | 99.00 | 90.00 | 80.00 | 80.00 |")
     sec01 = md.split("## mnist-5k · linf eps=0.1")[1].split("## ")[0]
     assert "| clean | fgsm | bim | worst case |" in sec01
     # the same via the DataFrame API
     sections = lb.table(lb.read(tmp_path))
     assert [t for t, _ in sections][1] == "mnist-5k · linf eps=0.3"
-    assert list(sections[1][1]["worst case"]) == [0.8, 0.3, 0.1]
+    assert list(sections[1][1]["worst case"]) == [0.8, 0.3, 0.0]
 
 
 def test_json_rendering_has_numbers(tmp_path):
@@ -170,3 +170,87 @@ def test_concurrent_appends_lose_no_row(tmp_path):
     md = (tmp_path / "leaderboard.md").read_text()
     assert all(f"model{k}" in md for k in range(procs))
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_each_entry_shows_its_strongest_evaluation_not_its_largest(tmp_path):
+    """Issue 12 item 6: a weak FGSM run with n=100 and a later, stronger PGD run with n=50 of the same
+    model: the PGD run's numbers are shown (lowest worst case), with its n; the rule is stated."""
+    lb.append(tmp_path, run_rows("weak", "smallcnn", {"fgsm": 0.7}, 0.7, n=100, ts="2026-01-01T00:00:00"))
+    lb.append(tmp_path, run_rows("strong", "smallcnn", {"pgd": 0.2}, 0.2, n=50, ts="2026-01-02T00:00:00"))
+    (sec,) = lb.table(lb.read(tmp_path))
+    t = sec[1]
+    assert list(t["run"]) == ["strong"] and list(t["n"]) == ["50"] and list(t["worst case"]) == [0.2]
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "`strong`" in md and "`weak`" not in md
+    assert "the lowest worst-case robust accuracy" in md and "ties: more examples, then the latest" in md
+    # ties on the worst case: more examples win, then the latest
+    lb.append(tmp_path, run_rows("tie-small", "smallcnn", {"pgd": 0.2}, 0.2, n=20, ts="2026-01-03T00:00:00"))
+    lb.append(tmp_path, run_rows("tie-late", "smallcnn", {"pgd": 0.2}, 0.2, n=50, ts="2026-01-04T00:00:00"))
+    assert list(lb.table(lb.read(tmp_path))[0][1]["run"]) == ["tie-late"]
+
+
+def test_checkpoint_hashes_are_shown_and_grouped_by_a_12_hex_prefix(tmp_path):
+    full = "0123456789abcdef" * 4
+    lb.append(tmp_path, run_rows("old", "smallcnn", {"pgd": 0.3}, 0.3, sha=full[:12]))   # an old short hash
+    lb.append(tmp_path, run_rows("new", "smallcnn", {"pgd": 0.1}, 0.1, sha=full))        # the full sha256
+    lb.append(tmp_path, run_rows("other", "smallcnn", {"pgd": 0.5}, 0.5, sha="f" * 64))
+    t = lb.table(lb.read(tmp_path))[0][1]
+    assert list(t["run"]) == ["other", "new"] and list(t["checkpoint"]) == ["f" * 12, full[:12]]
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert f"`{full[:12]}`" in md and full not in md
+
+
+def test_markdown_path_that_is_a_directory_is_refused_before_anything_is_written(tmp_path):
+    lb.append(tmp_path, run_rows("r1", "m", {"pgd": 0.1}, 0.1))
+    csv_before = (tmp_path / "leaderboard.csv").read_bytes()
+    (tmp_path / "leaderboard.md").unlink()
+    (tmp_path / "leaderboard.md").mkdir()
+    with pytest.raises(AdvbenchError, match=r"cannot write the leaderboard: .*leaderboard.md is a directory"):
+        lb.append(tmp_path, run_rows("r2", "m", {"pgd": 0.2}, 0.2))
+    assert (tmp_path / "leaderboard.csv").read_bytes() == csv_before
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_csv_is_rolled_back_when_the_markdown_write_fails(tmp_path, monkeypatch, first):
+    """The CSV was replaced, then the markdown write fails: the old CSV (bytes and mtime) is back, or
+    no CSV when there was none."""
+    import os
+
+    from robustbench_lite import fileio
+
+    if not first:
+        lb.append(tmp_path, run_rows("r1", "m", {"pgd": 0.1}, 0.1))
+    p = tmp_path / "leaderboard.csv"
+    before = (p.read_bytes(), p.stat().st_mtime_ns) if p.exists() else None
+    real = fileio.atomic_write_text
+
+    def md_fails(path, text):
+        if str(path).endswith(lb.MD_NAME):
+            raise OSError(28, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(lb, "atomic_write_text", md_fails)
+    with pytest.raises(AdvbenchError, match="cannot write the leaderboard in .*: No space left on device"):
+        lb.append(tmp_path, run_rows("r2", "m", {"pgd": 0.2}, 0.2))
+    assert ((p.read_bytes(), p.stat().st_mtime_ns) if p.exists() else None) == before
+    assert not [q for q in os.listdir(tmp_path) if q.endswith(".tmp")]
+
+
+def test_train_robust_whose_best_epoch_is_its_last_is_recorded_once(tmp_path):
+    """Issue 12 item 5: with one epoch, best.pt holds the final weights: one evaluation, one run in
+    the leaderboard (flagged final+best), not two runs with the same numbers."""
+    from typer.testing import CliRunner
+
+    from robustbench_lite.cli import app
+    from robustbench_lite.training import _same_weights
+
+    results = tmp_path / "results"
+    r = CliRunner().invoke(app, ["train-robust", "--model", "lenet", "--epochs", "1", "--n-train", "200",
+                                 "--val-size", "100", "--val-steps", "2", "--eval-steps", "2", "--n-eval", "50",
+                                 "--device", "cpu", "--results-dir", str(results), "--out", str(tmp_path / "m.pt")])
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "m.best.pt").is_file() and _same_weights(tmp_path / "m.pt", tmp_path / "m.best.pt")
+    assert "best epoch is the last one: evaluated once" in r.stdout
+    df = lb.read(results)
+    assert df["run_id"].nunique() == 1 and len(list((results / "runs").iterdir())) == 1
+    assert set(df["flags"].str.split(";").explode()) >= {"train-robust:final+best"}

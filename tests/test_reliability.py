@@ -234,6 +234,42 @@ TR = ["train-robust", "--results-dir", "{R}", "--device", "cpu", "--epochs", "1"
 RUN = ["run", "{IN}/suite.yaml", "--results-dir", "{R}"]
 L = ["leaderboard", "--results-dir", "{R}"]
 EPS_HINT = "expected a non-negative number or fraction such as 8/255, 0.03 or .5"
+REP = ["report", "20", "--results-dir", "{R}"]  # "20": a prefix of the template's one run id (20YYMMDD-...)
+
+
+def md_is_a_directory(w: Path) -> None:
+    """results/leaderboard.md replaced by a directory: the CSV must not gain rows nobody can see."""
+    md = w / "results" / "leaderboard.md"
+    md.unlink()
+    md.mkdir()
+
+
+def in_the_run(action: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Apply ``action`` to the template's one run folder."""
+    def setup(w: Path) -> None:
+        (run,) = (w / "results" / "runs").iterdir()
+        action(run)
+
+    return setup
+
+
+def _engine_refuses(**params) -> bool:
+    """Whether the attack engine refuses these parameters (its step / restart limits: until they are
+    merged, a case with steps=10**9 would run for ever instead of failing)."""
+    try:
+        attacks.create("pgd", threat=ThreatModel("linf", 0.1), **params)
+    except AdvbenchError:
+        return True
+    return False
+
+
+def needs_engine_limit(case_id, argv, expected, setup, **params):
+    return pytest.param(case_id, argv, expected, setup, id=case_id, marks=pytest.mark.skipif(
+        not _engine_refuses(**params), reason="the engine's upper limit on steps/restarts is not merged yet"))
+
+
+BILLION_LAUGHS = "".join(f"x{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]\n" for i in range(1, 9))
+BILLION_LAUGHS = "x0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + BILLION_LAUGHS
 
 # (id, argv, expected stderr prefix, setup)
 CASES = [
@@ -444,6 +480,83 @@ CASES = [
      ["train-robust", "--results-dir", "{W}/afile/sub", "--device", "cpu", "--epochs", "1", "--n-train", "200",
       "--val-size", "100", "--no-eval", "--model", "lenet"],
      "error: cannot create directory {W}/afile/sub", None),
+    # -- issue 12: a run's record is all or nothing --------------------------------------------------
+    ("attack-leaderboard-md-is-a-directory", C,
+     "error: cannot write the leaderboard: {R}/leaderboard.md is a directory; move it away", md_is_a_directory),
+    ("run-leaderboard-md-is-a-directory", RUN,
+     "error: cannot write the leaderboard: {R}/leaderboard.md is a directory; move it away",
+     lambda w: (suite_with()(w), md_is_a_directory(w))),
+    # -- issue 12: absurd attack budgets (the engine's limits) ---------------------------------------
+    needs_engine_limit("attack-steps-1e9", C + ["--attack", "pgd", "--steps", "1000000000"],
+                       "error: invalid steps=1000000000 for attack 'pgd': must be an integer between 1 and 10000",
+                       None, steps=10 ** 9),
+    needs_engine_limit("attack-restarts-1e5", C + ["--attack", "pgd", "--restarts", "100000"],
+                       "error: invalid restarts=100000 for attack 'pgd': must be an integer between 1 and ", None,
+                       restarts=100_000),
+    needs_engine_limit("run-steps-1e23", RUN,
+                       "error: {IN}/suite.yaml: line 6: invalid steps='1e23' for attack 'pgd': must be an integer "
+                       "between 1 and 10000", suite_with(attacks_="[{{name: pgd, steps: 1e23}}]"), steps=10 ** 9),
+    ("run-steps-float-1e23", RUN, "error: {IN}/suite.yaml: line 6: invalid steps=1e+23 for attack 'pgd': must be an "
+     "integer", suite_with(attacks_="[{{name: pgd, steps: 1.0e+23}}]")),
+    ("run-restarts-1e23", RUN, "error: {IN}/suite.yaml: line 6: invalid restarts='1e23' for attack 'pgd': must be an "
+     "integer", suite_with(attacks_="[{{name: pgd, restarts: 1e23}}]")),
+    # -- issue 12: eps that float() takes but a person did not mean ----------------------------------
+    ("attack-eps-with-underscore", M + ["--eps", "0.0_3"], f"error: invalid eps '0.0_3': {EPS_HINT}", None),
+    ("attack-eps-arabic-indic-digits", M + ["--eps", "٠.٣"], f"error: invalid eps '٠.٣': {EPS_HINT}", None),
+    ("attack-eps-full-width-digits", M + ["--eps", "８/２５５"], f"error: invalid eps '８/２５５': {EPS_HINT}", None),
+    ("attack-eps-underflows-to-0", M + ["--eps", "1e-400"],
+     "error: invalid eps '1e-400': too small for a float64, it would become 0", None),
+    ("attack-eps-sweep-with-an-underflow", M + ["--eps", "0.1,1e-300/1e300"],
+     "error: invalid eps '1e-300/1e300': too small for a float64, it would become 0", None),
+    ("attack-l2-eps-beyond-any-image-distance", M + ["--norm", "l2", "--eps", "1e300"],
+     "error: eps 1e+300 for l2 exceeds sqrt(784) = 28, the largest L2 distance between 1x28x28 images in [0, 1]",
+     None),
+    ("leaderboard-eps-with-underscore", L + ["--eps", "0.0_3"], f"error: invalid eps '0.0_3': {EPS_HINT}", None),
+    ("train-robust-eps-underflows-to-0", TR + ["--eps", "1e-400"],
+     "error: invalid eps '1e-400': too small for a float64, it would become 0", None),
+    ("train-robust-l2-eps-beyond-any-image-distance", TR + ["--norm", "l2", "--eps", "1e300"],
+     "error: eps 1e+300 for l2 exceeds sqrt(784) = 28, the largest L2 distance between 1x28x28 images", None),
+    ("run-eps-with-underscore", RUN, "error: {IN}/suite.yaml: line 5: invalid eps '0.0_3'",
+     suite_with(threats="[{{norm: linf, eps: '0.0_3'}}]")),
+    ("run-l2-eps-beyond-any-image-distance", RUN, "error: eps 1e+300 for l2 exceeds sqrt(784) = 28",
+     suite_with(threats="[{{norm: l2, eps: 1.0e+300}}]")),
+    # -- issue 12: training settings -----------------------------------------------------------------
+    ("train-weight-decay-negative", T + ["--weight-decay", "-1"],
+     "error: --weight-decay must be a finite number >= 0 (got -1.0)", None),
+    ("train-weight-decay-nan", T + ["--weight-decay", "nan"],
+     "error: --weight-decay must be a finite number >= 0 (got nan)", None),
+    ("train-robust-weight-decay-negative", TR + ["--weight-decay", "-1"],
+     "error: --weight-decay must be a finite number >= 0 (got -1.0)", None),
+    ("train-robust-weight-decay-inf", TR + ["--weight-decay", "inf"],
+     "error: --weight-decay must be a finite number >= 0 (got inf)", None),
+    # -- issue 12: suites that hang, explode or carry the wrong types --------------------------------
+    ("run-recursive-alias", RUN,
+     "error: {IN}/suite.yaml: line 1: recursive alias: the node anchored here contains an alias of itself",
+     suite("&a [*a]\n")),
+    ("run-recursive-alias-inside-a-field", RUN, "error: {IN}/suite.yaml: line 7: recursive alias",
+     suite_with(extra="description: &d [x, *d]\n")),
+    ("run-billion-laughs", RUN,
+     "error: {IN}/suite.yaml: line 5: this node expands to more than 100,000 YAML nodes through aliases",
+     suite(BILLION_LAUGHS + "models: [smallcnn]\nthreats: [{{eps: 0.1}}]\nattacks: [fgsm]\n")),
+    ("run-seed-negative", RUN, "error: {IN}/suite.yaml: line 7: seed must be an integer between 0 and 4294967295 "
+     "(got -1)", suite_with(extra="seed: -1\n")),
+    ("run-attack-seed-negative", RUN, "error: {IN}/suite.yaml: line 6: attacks[0].seed must be an integer between 0 "
+     "and 4294967295 (got -1)", suite_with(attacks_="[{{name: pgd, seed: -1}}]")),
+    ("run-attack-label-is-a-list", RUN,
+     "error: {IN}/suite.yaml: line 6: attacks[0].label must be a string (got ['a', 'b'])",
+     suite_with(attacks_="[{{name: pgd, label: [a, b]}}]")),
+    ("run-attack-label-is-a-number", RUN, "error: {IN}/suite.yaml: line 6: attacks[0].label must be a string (got 5)",
+     suite_with(attacks_="[{{name: pgd, label: 5}}]")),
+    ("run-attack-name-is-a-list", RUN,
+     "error: {IN}/suite.yaml: line 6: attacks[0].name must be an attack name (got ['pgd'])",
+     suite_with(attacks_="[{{name: [pgd]}}]")),
+    # -- issue 12: report ------------------------------------------------------------------------------
+    ("report-ambiguous-prefix", REP, "error: run prefix '20' is ambiguous: it matches 2 runs in {R}/runs (",
+     lambda w: (w / "results" / "runs" / "20000101-000000-00000000").mkdir()),
+    ("report-outcomes-missing", REP, "error: run {R}/runs/",
+     in_the_run(lambda run: (run / "outcomes.csv").unlink())),
+    ("report-destination-is-a-directory", REP, "error: cannot write the report: {R}/runs/",
+     in_the_run(lambda run: (run / "report.md").mkdir())),
 ]
 
 

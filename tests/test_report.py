@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,12 @@ def test_report_writes_plots_markdown_and_robustbench_json(quick_run, tmp_path):
     assert "| linf 0.05 |" in md and "pgd-20" in md
     info = json.loads(rb.read_text())
     assert info == json.loads((run_dir / "robustbench.json").read_text())
-    for key in ("name", "dataset", "eps", "clean_acc", "autoattack_acc", "architecture", "number_forward_passes"):
+    for key in ("name", "dataset", "eps", "clean_acc", "worst_case_acc", "attacks", "architecture",
+                "number_forward_passes"):
         assert key in info
+    # a worst case over fgsm + pgd-20 is not AutoAttack: it is not called autoattack_acc
+    assert "autoattack_acc" not in info and info["attacks"] == ["fgsm", "pgd-20"]
+    assert "not AutoAttack" in info["footnote"]
     assert info["eps"] == "0.1" and info["architecture"] == "smallcnn" and info["dataset"] == "mnist-5k"
     extra = info["advbench"]
     assert extra["seed"] == 0 and extra["versions"]["torch"] and extra["attack_forward_passes"] > 0
@@ -113,3 +118,108 @@ def test_masked_model_warns_in_terminal_summary_and_leaderboard(tmp_path, traine
     assert "masking:zero-gradient" in summary["flags"] and summary["warnings"]
     with open(results / "leaderboard.csv") as f:
         assert all("masking:zero-gradient" in row["flags"] for row in csv.DictReader(f))
+
+
+def test_autoattack_acc_only_for_the_autoattack_style_suite():
+    from robustbench_lite.report import autoattack_like, robustbench_info
+
+    accs = {"apgd-ce": {"robust_acc": 0.6}, "apgd-t": {"robust_acc": 0.5}}
+    summary = {"clean_acc": 0.9,
+               "threats": [{"norm": "linf", "eps": 0.3, "worst_case": {"robust_acc": 0.5}, "attacks": accs}]}
+    std = {"attacks": [{"label": "apgd-ce", "name": "apgd-ce", "resolved": {"steps": 100}},
+                       {"label": "apgd-t", "name": "apgd-t", "resolved": {"steps": 100}}]}
+    info = robustbench_info(std, summary)
+    assert autoattack_like(std) and info["autoattack_acc"] == info["worst_case_acc"] == "50.00"
+    weak = {"attacks": [dict(a, resolved={"steps": 5}) for a in std["attacks"]]}
+    assert not autoattack_like(weak) and "autoattack_acc" not in robustbench_info(weak, summary)
+    pgd = {"attacks": [{"label": "pgd", "name": "pgd", "resolved": {"steps": 1000}}]}
+    assert not autoattack_like(pgd)
+
+
+@pytest.fixture
+def report_world(quick_run, tmp_path):
+    """A private copy of the quick run's results folder (hard links would share the run files)."""
+    import shutil
+
+    results, run_id, _ = quick_run
+    dest = tmp_path / "results"
+    shutil.copytree(results, dest)
+    return dest, run_id, dest / "runs" / run_id
+
+
+def test_report_with_an_ambiguous_prefix_lists_the_runs(report_world):
+    results, run_id, run_dir = report_world
+    twin = run_dir.parent / (run_id[:-1] + ("0" if run_id[-1] != "0" else "1"))
+    twin.mkdir()
+    r = run("report", run_id[:15], "--results-dir", results)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: run prefix '{run_id[:15]}' is ambiguous: it matches 2 runs in ")
+    assert run_id in r.stderr and twin.name in r.stderr
+
+
+def test_report_with_outcomes_missing_is_one_line(report_world):
+    results, run_id, run_dir = report_world
+    (run_dir / "outcomes.csv").unlink()
+    before = sorted(p.name for p in run_dir.iterdir())
+    r = run("report", run_id, "--results-dir", results)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: run {run_dir} is incomplete: {run_dir / 'outcomes.csv'} ")
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_report_that_cannot_be_written_is_one_line(report_world):
+    """A destination that is a directory stops even root (who ignores permission bits): refused before
+    any file is written."""
+    results, run_id, run_dir = report_world
+    (run_dir / "report.md").unlink(missing_ok=True)
+    (run_dir / "report.md").mkdir()
+    before = sorted(p.name for p in run_dir.iterdir())
+    r = run("report", run_id, "--results-dir", results)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: cannot write the report: {run_dir / 'report.md'} is a directory")
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_report_write_failure_is_one_line(report_world, monkeypatch):
+    """An OSError while writing (a full disk, a read-only mount) becomes one line naming the file."""
+    from robustbench_lite import report
+
+    results, run_id, run_dir = report_world
+
+    def full(summary, out):
+        raise OSError(28, "No space left on device", str(out))
+
+    monkeypatch.setattr(report, "plot_robustness_curve", full)
+    r = run("report", run_id, "--results-dir", results)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr == f"error: cannot write the report: {run_dir / 'robustness_curve.png'}: No space left on device\n"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="running as root: permission bits are not enforced (see the directory case above)")
+def test_report_in_a_read_only_run_folder_is_one_line(report_world):
+    results, run_id, run_dir = report_world
+    os.chmod(run_dir, 0o555)
+    try:
+        r = run("report", run_id, "--results-dir", results)
+    finally:
+        os.chmod(run_dir, 0o755)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+
+
+def test_atypical_budget_warns_on_stderr_and_flags_the_run(tmp_path, trained_smallcnn_path):
+    """Issue 12 item 15: 8/255 on MNIST digits is a colour-image budget: one warning line on stderr
+    and an atypical-eps flag; the first line says which dataset is used and why."""
+    results = tmp_path / "results"
+    r = run("attack", "--checkpoint", trained_smallcnn_path, "--eps", "8/255", "--attack", "fgsm", "-n", "16",
+            "--device", "cpu", "--results-dir", results)
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr == ("warning: linf eps=8/255 is small for mnist-5k (grey-scale 1x28x28 images): typical linf "
+                        "budgets are 0.1-0.4 (0.3 for MNIST, Madry et al.)\n")
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("attacking smallcnn (") and "on 16 mnist-5k test images (the checkpoint's dataset" in first
+    with open(results / "leaderboard.csv") as f:
+        assert all("atypical-eps" in row["flags"].split(";") for row in csv.DictReader(f))
+    r = run("attack", "--checkpoint", trained_smallcnn_path, "--eps", "0.3", "--attack", "fgsm", "-n", "16",
+            "--device", "cpu", "--results-dir", results, "--dataset", "mnist-5k")
+    assert r.exit_code == 0 and r.stderr == "" and "test images (given with --dataset)" in r.stdout

@@ -203,3 +203,75 @@ def test_suite_sets_masking_checks_fast_paths_and_an_attacks_own_parameters(tmp_
         "S: line 10: unknown key 'rho' in attacks[0]")
     assert err(tmp_path, text.replace("masking_checks: false", "masking_checks: sometimes")) == \
         "S: line 3: masking_checks must be true or false (got 'sometimes')"
+
+
+def _run_suite_process(tmp_path, text):
+    """`advbench run --dry-run` on a suite in a real process, with a timeout guard (a hang fails the
+    test instead of the session)."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "robustbench_lite", "run", str(p), "--dry-run"], capture_output=True,
+                       text=True, timeout=30, cwd=tmp_path)
+    return r, p
+
+
+def test_recursive_alias_is_refused_not_a_hang(tmp_path):
+    r, p = _run_suite_process(tmp_path, "&a [*a]\n")  # 8 bytes: used to spin at 100% CPU in _check_tags
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr == f"error: {p}: line 1: recursive alias: the node anchored here contains an alias of itself\n"
+    assert err(tmp_path, "models: [smallcnn]\nthreats: [{eps: 0.1}]\nattacks: [fgsm]\ndescription: &d {x: [1, *d]}\n"
+               ) == "S: line 4: recursive alias: the node anchored here contains an alias of itself"
+
+
+def test_billion_laughs_is_refused_before_it_is_built(tmp_path):
+    """Ten aliases of ten aliases of ... : 10**9 nodes once expanded, a few hundred bytes on disk."""
+    text = "x0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for i in range(1, 9):
+        text += f"x{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]\n"
+    text += "models: [smallcnn]\nthreats: [{eps: 0.1}]\nattacks: [fgsm]\n"
+    r, p = _run_suite_process(tmp_path, text)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    # x4 (line 5) is the first to pass the limit: 111,111 nodes
+    assert r.stderr == f"error: {p}: line 5: this node expands to more than 100,000 YAML nodes through aliases: " \
+                       f"too large for a suite\n"
+    # aliases that stay small are plain YAML and still work
+    s = load_suite(write(tmp_path, "models: &m [smallcnn]\nthreats: [{eps: 0.1}]\nattacks: [fgsm]\n"
+                                   "description: &d shared\nname: *d\n"))
+    assert s.name == "shared"
+
+
+def test_attack_fields_of_the_wrong_type_name_the_line(tmp_path):
+    base = "models: [smallcnn]\nthreats: [{norm: linf, eps: 0.1}]\nattacks:\n  - name: pgd\n    steps: 2\n"
+    assert err(tmp_path, base + "    label: [a, b]\n") == \
+        "S: line 6: attacks[0].label must be a string (got ['a', 'b'])"
+    assert err(tmp_path, base + "    label: ''\n") == "S: line 6: attacks[0].label must not be empty"
+    assert err(tmp_path, base.replace("name: pgd", "name: [pgd]")) == \
+        "S: line 4: attacks[0].name must be an attack name (got ['pgd'])"
+    assert err(tmp_path, base + "    seed: -1\n") == \
+        "S: line 6: attacks[0].seed must be an integer between 0 and 4294967295 (got -1)"
+    assert err(tmp_path, base + "seed: -1\n") == "S: line 6: seed must be an integer between 0 and 4294967295 (got -1)"
+    # 1e23 is a string to PyYAML (no dot), 1.0e+23 a float: both are a one-line error at the attack's line
+    for text in ("1e23", "1.0e+23"):
+        assert err(tmp_path, base.replace("steps: 2", f"steps: {text}")).startswith("S: line 4: invalid steps=")
+        assert err(tmp_path, base + f"    restarts: {text}\n").startswith("S: line 4: invalid restarts=")
+
+
+def test_attack_help_states_the_per_attack_defaults():
+    """--steps / --alpha / --restarts / --loss differ per attack: the help says so, with the registry's
+    numbers (this test keeps the text and the registry in step)."""
+    import attacks
+
+    from robustbench_lite.cli import attack_cmd  # noqa: F401  (the command whose help is checked)
+
+    r = runner.invoke(app, ["attack", "--help"], env={"COLUMNS": "400"})
+    text = " ".join(r.stdout.replace("│", " ").split())
+    d = {n: attacks.ATTACKS.get(n).defaults for n in ("bim", "pgd", "apgd-ce", "apgd-dlr", "apgd-t")}
+    assert f"default per attack: bim {d['bim']['steps']}, pgd {d['pgd']['steps']}, apgd-* {d['apgd-ce']['steps']}" \
+        in text
+    assert f"(default per attack: pgd {d['pgd']['restarts']}, apgd-* {d['apgd-ce']['restarts']})" in text
+    assert f"apgd-dlr {d['apgd-dlr']['loss']}, apgd-t {d['apgd-t']['loss']}" in text
+    assert "bim 1.25*eps/steps, pgd 2.5*eps/steps" in text
+    assert "else mnist-5k (MNIST digits, 1x28x28) whatever the model" in text

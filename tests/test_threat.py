@@ -121,3 +121,46 @@ def test_violations_flags_out_of_ball_and_out_of_box():
     adv[2, 0] = 1.01
     assert tm.violations(adv, x).tolist() == [False, True, True]
     assert math.isclose(tm.distance(adv, x)[1].item(), 0.2, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("0.0_3", "invalid eps '0.0_3': expected a non-negative number"),        # float() takes '_' separators
+    ("٠.٣", "invalid eps '٠.٣': expected a non-negative number"),            # and Arabic-Indic digits
+    ("８/２５５", "invalid eps '８/２５５': expected a non-negative number"),  # and full-width ones
+    ("1_0/255", "invalid eps '1_0/255': expected a non-negative number"),
+    ("1e-400", "invalid eps '1e-400': too small for a float64, it would become 0"),
+    ("1e-300/1e300", "invalid eps '1e-300/1e300': too small for a float64, it would become 0"),
+    ("inf", "invalid eps 'inf': must be a finite number"),
+])
+def test_parse_eps_accepts_only_ascii_numbers_and_refuses_underflow(text, message):
+    with pytest.raises(AdvbenchError) as e:
+        parse_eps(text)
+    assert str(e.value).startswith(message)
+    assert parse_eps("0e-400") == 0.0 and parse_eps("+5.E-1") == 0.5 and parse_eps("1E+2/4e2") == 0.25
+
+
+def test_l2_eps_beyond_the_largest_distance_between_images_is_refused():
+    ThreatModel("l2", 28).check_input_shape((1, 28, 28))  # sqrt(784) = 28: the corner-to-corner distance
+    ThreatModel("linf", 1).check_input_shape((3, 32, 32))
+    with pytest.raises(AdvbenchError) as e:
+        ThreatModel("l2", 1e300).check_input_shape((1, 28, 28))
+    assert str(e.value) == ("eps 1e+300 for l2 exceeds sqrt(784) = 28, the largest L2 distance between 1x28x28 "
+                            "images in [0, 1]")
+    with pytest.raises(AdvbenchError, match=r"sqrt\(3072\) = 55.43, the largest L2 distance between 3x32x32"):
+        ThreatModel("l2", 60).check_input_shape((3, 32, 32))
+
+
+def test_typical_budgets_per_kind_of_image():
+    from robustbench_lite.threat import TYPICAL_EPS
+
+    assert set(TYPICAL_EPS) == {(k, n) for k in ("grey", "colour") for n in ("linf", "l2")}
+    grey, colour = (1, 28, 28), (3, 32, 32)
+    for norm, eps, shape in (("linf", 0.3, grey), ("linf", 8 / 255, colour), ("linf", 4 / 255, colour),
+                             ("l2", 2.0, grey), ("l2", 0.5, colour), ("linf", 0, grey)):
+        assert ThreatModel(norm, eps).atypical(shape) is None, (norm, eps)
+    assert ThreatModel("linf", 8 / 255).atypical(grey, "mnist-5k") == (
+        "linf eps=8/255 is small for mnist-5k (grey-scale 1x28x28 images): typical linf budgets are 0.1-0.4 "
+        "(0.3 for MNIST, Madry et al.)")
+    assert ThreatModel("linf", 0.3).atypical(colour).startswith(
+        "linf eps=0.3 is large for colour 3x32x32 images: typical linf budgets are 2/255-16/255")
+    assert ThreatModel("l2", 0.5).atypical(grey).startswith("l2 eps=0.5 is small for grey-scale")

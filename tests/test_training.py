@@ -218,10 +218,11 @@ def test_train_robust_cli_end_to_end(tmp_path):
     assert out.is_file() and (res_dir / "models" / "lenet-mnist-5k-pgd-at-silu.best.pt").is_file()
     assert (res_dir / "models" / "lenet-mnist-5k-pgd-at-silu.metrics.csv").is_file()
     assert "pgd-at training of lenet (silu)" in r.output and "best epoch 1" in r.output
-    assert "final model" in r.output and "best model" in r.output
+    # one epoch: best.pt holds the final weights, evaluated and recorded once
+    assert "best epoch is the last one: evaluated once" in r.output and "final+best model" in r.output
     rows = list(csv.DictReader((res_dir / "leaderboard.csv").open()))
     pgd_rows = [row for row in rows if row["attack"] == "pgd"]
-    assert len(pgd_rows) == 2
+    assert len(pgd_rows) == 1
     assert all(row["defense"] == "pgd-at" and row["activation"] == "silu" and row["n_examples"] == "50"
                for row in pgd_rows)
     assert '"steps": 3' in pgd_rows[0]["attack_params"]
