@@ -196,7 +196,9 @@ class APGD(Attack):
                 out_x[idx[fool]] = x_adv[fool]
                 out_fooled[idx[fool]] = True
                 out_loss[idx[fool]] = loss[fool]
-                if self.early_stop:
+                # (after the final iterate nothing is left to step: no shrinking, and its
+                # gradient was never computed, so grad is None there)
+                if self.early_stop and i < n_iter:
                     keep = (~fool).nonzero().reshape(-1)
                     if keep.numel() == 0:
                         return out_x, out_fooled, out_loss
