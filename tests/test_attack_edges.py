@@ -90,3 +90,83 @@ def test_apgd_when_the_last_iterate_fools_part_of_the_batch(model_name, request)
                     assert torch.allclose(no_stop(model, x, y, sample_ids=ids), x_adv, atol=1e-9, rtol=0), case
     # the grid must contain the case that used to crash, for every attack
     assert all(partial.values()), partial
+
+
+# --- images outside [0, 1] ----------------------------------------------------------------------------
+RANGE_ERROR = "images must be finite and in [0, 1] (normalisation belongs inside the model)"
+BUILTIN = ("fgsm", "bim", "pgd", "apgd-ce", "apgd-dlr", "apgd-t")
+
+
+class CountingModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.calls = random_linear(), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.body(x)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+@pytest.mark.parametrize("bad", ["0-255", "negative", "nan", "inf"])
+def test_images_outside_the_unit_box_are_refused_before_any_forward(name, bad):
+    model = CountingModel()
+    x = torch.rand(4, 1, 28, 28)
+    x = {"0-255": x * 255, "negative": x - 0.01, "nan": x.index_put((torch.tensor(2),), torch.tensor(float("nan"))),
+         "inf": x.index_put((torch.tensor(1),), torch.tensor(float("inf")))}[bad]
+    atk = attacks.create(name, threat=ThreatModel("linf", 0.1), steps=2)
+    with pytest.raises(AdvbenchError) as info:
+        atk(model, x, torch.zeros(4, dtype=torch.long))
+    assert str(info.value) == RANGE_ERROR
+    assert model.calls == 0
+
+
+def test_the_box_itself_is_accepted_and_evaluate_uses_the_same_check():
+    from robustbench_lite import evaluator
+
+    model = random_linear()
+    x = torch.zeros(4, 1, 28, 28)
+    x[2:] = 1.0
+    x_adv = attacks.create("pgd", threat=ThreatModel("linf", 0.1), steps=2)(model, x, torch.zeros(4, dtype=torch.long))
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    with pytest.raises(AdvbenchError) as info:
+        evaluator.check_inputs(x * 255, torch.zeros(4, dtype=torch.long), None)
+    assert str(info.value) == RANGE_ERROR
+
+
+# --- absurd step / restart counts ---------------------------------------------------------------------
+def test_limits_are_sane():
+    # AutoAttack runs 100 steps and 1-5 restarts; the limits only catch typos and overflows
+    assert 1_000 <= engine.MAX_STEPS <= 100_000 and 10 <= engine.MAX_RESTARTS <= 10_000
+
+
+@pytest.mark.parametrize("param, value", [
+    ("steps", 1_000_000_000), ("steps", "limit + 1"), ("restarts", 10 ** 23),
+    ("restarts", "limit + 1"), ("restarts", "1e23"), ("restarts", 1e23), ("steps", 0), ("steps", -3),
+    ("steps", 2.5), ("steps", True),
+])
+def test_steps_and_restarts_have_an_upper_bound(param, value):
+    limit = engine.MAX_STEPS if param == "steps" else engine.MAX_RESTARTS
+    value = limit + 1 if value == "limit + 1" else value
+    with pytest.raises(AdvbenchError) as info:
+        attacks.create("pgd", threat=ThreatModel("linf", 0.1), **{param: value})
+    assert str(info.value) == f"invalid {param}={value!r} for attack 'pgd': must be an integer between 1 and {limit}"
+
+
+def test_the_limits_themselves_are_accepted():
+    a = attacks.create("pgd", threat=ThreatModel("linf", 0.1), steps=engine.MAX_STEPS, restarts=engine.MAX_RESTARTS)
+    assert (a.steps, a.restarts) == (engine.MAX_STEPS, engine.MAX_RESTARTS)
+    from attacks.apgd import MAX_TARGET_CLASSES
+
+    t = attacks.create("apgd-t", threat=ThreatModel("linf", 0.1), n_target_classes=MAX_TARGET_CLASSES)
+    assert t.config()["n_target_classes"] == MAX_TARGET_CLASSES
+
+
+@pytest.mark.parametrize("value", [10 ** 9, 0, "9"])
+def test_apgd_t_target_classes_have_an_upper_bound(value):
+    from attacks.apgd import MAX_TARGET_CLASSES
+
+    with pytest.raises(AdvbenchError) as info:
+        attacks.create("apgd-t", threat=ThreatModel("linf", 0.1), n_target_classes=value)
+    assert str(info.value) == (f"invalid n_target_classes={value!r} for attack 'apgd-t': "
+                               f"must be an integer between 1 and {MAX_TARGET_CLASSES}")
