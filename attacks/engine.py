@@ -37,7 +37,8 @@ batch statistics, so a sample's result depends on its batch: use it with early_s
 
 Costs: one step is one forward and one backward to the INPUT (parameters' requires_grad is off
 during the attack); the loss is summed over the batch. The inner loop synchronises with the
-device only to shrink the batch (early_stop=True), once per step.
+device only to shrink the batch (early_stop=True), once per step; the input check (images
+finite and in [0, 1]) adds one sync per call.
 """
 from __future__ import annotations
 
