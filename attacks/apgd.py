@@ -49,7 +49,12 @@ import torch
 from robustbench_lite.errors import AdvbenchError
 
 from . import ATTACKS, losses
-from .engine import Attack
+from .engine import Attack, check_count
+
+
+# APGD-T attacks one target class after the other (AutoAttack: 9), each costing a full walk; the
+# class count less one bounds it anyway (ImageNet: 999), so more than this is a typo.
+MAX_TARGET_CLASSES = 1_000
 
 
 def checkpoint_fractions(max_p: float = 1.0) -> List[float]:
@@ -91,11 +96,8 @@ class APGD(Attack):
                 raise AdvbenchError(f"invalid {key}={v!r} for attack {self.name!r}: must be a number in [0, 1]")
             cfg[key] = float(v)
         if "n_target_classes" in cfg:
-            v = cfg["n_target_classes"]
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise AdvbenchError(f"invalid n_target_classes={v!r} for attack {self.name!r}: "
-                                    f"must be an integer >= 1")
-            cfg["n_target_classes"] = int(v)
+            cfg["n_target_classes"] = check_count(self.name, "n_target_classes", cfg["n_target_classes"],
+                                                  MAX_TARGET_CLASSES)
         if self.keep != "first-fool":
             raise AdvbenchError(f"invalid keep={self.keep!r} for attack {self.name!r}: APGD returns the first "
                                 f"fooling iterate, else the best-loss one (keep='first-fool')")
@@ -196,7 +198,9 @@ class APGD(Attack):
                 out_x[idx[fool]] = x_adv[fool]
                 out_fooled[idx[fool]] = True
                 out_loss[idx[fool]] = loss[fool]
-                if self.early_stop:
+                # (after the final iterate nothing is left to step: no shrinking, and its
+                # gradient was never computed, so grad is None there)
+                if self.early_stop and i < n_iter:
                     keep = (~fool).nonzero().reshape(-1)
                     if keep.numel() == 0:
                         return out_x, out_fooled, out_loss

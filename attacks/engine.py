@@ -37,7 +37,8 @@ batch statistics, so a sample's result depends on its batch: use it with early_s
 
 Costs: one step is one forward and one backward to the INPUT (parameters' requires_grad is off
 during the attack); the loss is summed over the batch. The inner loop synchronises with the
-device only to shrink the batch (early_stop=True), once per step.
+device only to shrink the batch (early_stop=True), once per step; the input check (images
+finite and in [0, 1]) adds one sync per call.
 """
 from __future__ import annotations
 
@@ -61,6 +62,12 @@ TARGETED_CHOICES = ("random", "least-likely")
 MODEL_MODES = ("eval", "train")
 AMP_CHOICES = ("bf16",)
 TARGET_STREAM = 1 << 28  # rng stream of random targets (restart r's random start uses stream r)
+# Upper bounds of the counts: far above any real evaluation (AutoAttack runs 100 steps and 1-5
+# restarts; the attack's cost grows linearly in both), so a value above them is a typo or an
+# overflow (--steps 1000000000, a suite's `restarts: 1e23`) that would run silently for days.
+MAX_STEPS = 10_000
+MAX_RESTARTS = 1_000
+IMAGE_RANGE_ERROR = "images must be finite and in [0, 1] (normalisation belongs inside the model)"
 
 # Engine-wide defaults; a plugin's ``defaults`` override them, explicit arguments override both.
 BASE_DEFAULTS: Dict[str, Any] = dict(
@@ -102,6 +109,23 @@ def attack_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
 
 def _err(attack: str, param: str, value: Any, expected: str) -> AdvbenchError:
     return AdvbenchError(f"invalid {param}={value!r} for attack {attack!r}: {expected}")
+
+
+def check_count(attack: str, param: str, value: Any, limit: int) -> int:
+    """``value`` as an int in [1, limit], else an AdvbenchError naming the parameter and the limit."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= limit:
+        raise _err(attack, param, value, f"must be an integer between 1 and {limit}")
+    return int(value)
+
+
+def check_images(x: torch.Tensor) -> None:
+    """Refuse images that are not finite or not in [0, 1] (the project's convention: normalisation
+    belongs inside the model). One pass over x and one host sync."""
+    if x.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()  # NaN propagates into both
+    if not (lo >= 0 and hi <= 1):  # False for NaN; +-inf fall outside [0, 1]
+        raise AdvbenchError(IMAGE_RANGE_ERROR)
 
 
 def _choice(attack: str, param: str, value: Any, choices: Sequence[str]) -> str:
@@ -175,11 +199,8 @@ class Attack:
         cfg = {**BASE_DEFAULTS, **self.defaults, **{k: v for k, v in given.items() if v is not None}}
 
         # -- validation: one AdvbenchError naming the parameter ------------------------------
-        for key in ("steps", "restarts"):
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise _err(n, key, v, "must be an integer >= 1")
-            cfg[key] = int(v)
+        cfg["steps"] = check_count(n, "steps", cfg["steps"], MAX_STEPS)
+        cfg["restarts"] = check_count(n, "restarts", cfg["restarts"], MAX_RESTARTS)
         if cfg["alpha"] is None:
             cfg["alpha"] = float(self.default_alpha(threat.eps, cfg["steps"]))
         a = cfg["alpha"]
@@ -256,13 +277,19 @@ class Attack:
                  sample_ids: Union[torch.Tensor, Sequence[int], None] = None) -> torch.Tensor:
         """Adversarial examples for (x, y): same shape, dtype and device as x, inside the
         threat model and [0, 1]. ``target`` (N,) makes the attack targeted at those classes.
-        ``sample_ids`` (N,) key the random numbers (default 0..N-1). x is not modified."""
+        ``sample_ids`` (N,) key the random numbers (default 0..N-1). x is not modified.
+
+        Images that are not finite or not in [0, 1] are refused (AdvbenchError). The default
+        sample_ids restart at 0 on every call, so every batch you make yourself gets the same
+        random starts (and random targets): when you attack a dataset batch by batch, pass the
+        samples' dataset indices as ``sample_ids``."""
         model = unwrap(model)
         x = x.detach()
         n = x.shape[0]
         dev = x.device
         if not x.is_floating_point():
             raise ValueError(f"attack {self.name!r}: images must be a float tensor in [0, 1], got {x.dtype}")
+        check_images(x)
         y = torch.as_tensor(y, device=dev).reshape(-1).long()
         if y.numel() != n:
             raise ValueError(f"attack {self.name!r}: {y.numel()} labels for {n} images")

@@ -400,8 +400,9 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, sample_ids: Optional[torch.Te
         raise AdvbenchError(f"{y.numel()} labels for {x.shape[0]} images")
     if sample_ids is not None and torch.as_tensor(sample_ids).reshape(-1).numel() != x.shape[0]:
         raise AdvbenchError(f"{torch.as_tensor(sample_ids).numel()} sample ids for {x.shape[0]} images")
-    if x.numel() and (not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1):
-        raise AdvbenchError("images must be finite and in [0, 1] (normalisation belongs inside the model)")
+    from attacks.engine import check_images  # the attacks' own check (every attack call runs it too)
+
+    check_images(x)
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor,
@@ -414,8 +415,10 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
     """Evaluate ``model`` on (x, y) under every attack and threat model; see the module docstring.
 
     ``attacks``: names / specs (see parse_attack_specs). ``threats``: a ThreatModel or a list, or
-    ``eps`` (+ ``norm``) for a sweep. ``sample_ids``: dataset indices of the samples (default
-    0..N-1); they key the attacks' randomness. ``device``: where to run (default: the model's).
+    ``eps`` (+ ``norm``) for a sweep. ``sample_ids``: dataset indices of the samples; they key the
+    attacks' randomness. The default 0..N-1 restarts at 0 on every call: when you evaluate a dataset
+    in pieces, pass the dataset indices, or every piece gets the same random starts. ``device``:
+    where to run (default: the model's).
     ``on_progress(threat, label, done, total)`` is called after every attacked batch."""
     from attacks import attack_mode
 
