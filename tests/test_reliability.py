@@ -338,9 +338,9 @@ CASES = [
      "error: --n-examples 1001 is larger than the test split of mnist-5k (1000 examples)", None),
     ("attack-batch-size-0", C + ["--batch-size", "0"], "error: --batch-size must be >= 1 (got 0)", None),
     ("attack-steps-0", C + ["--attack", "pgd", "--steps", "0"],
-     "error: invalid steps=0 for attack 'pgd': must be an integer >= 1", None),
+     "error: invalid steps=0 for attack 'pgd': must be an integer between 1 and 10000", None),
     ("attack-restarts-0", C + ["--attack", "pgd", "--restarts", "0"],
-     "error: invalid restarts=0 for attack 'pgd': must be an integer >= 1", None),
+     "error: invalid restarts=0 for attack 'pgd': must be an integer between 1 and 1000", None),
     ("attack-steps-for-fgsm-only", C + ["--attack", "fgsm", "--steps", "3"],
      "error: --steps applies to iterative (bim, pgd) attacks only", None),
     # -- attack: what only shows while running --------------------------------------------------------
