@@ -805,6 +805,8 @@ def run_robust_training(opts: RobustTrainOptions, console=None, quiet: bool = Fa
                           mix_weight=opts.mix_weight, bn_mode=opts.bn_mode, seed=opts.seed,
                           eps_warmup=warmup)
     out = Path(opts.out) if opts.out else robust_out_path(opts, method_name)
+    if opts.evaluate:  # the final evaluation records in the results dir (the zoo is elsewhere): check it first
+        ensure_dir(opts.results_dir)
     cfg = TrainConfig(model=opts.model, dataset=opts.dataset, epochs=opts.epochs, batch_size=opts.batch_size,
                       lr=opts.lr, optimizer=opts.optimizer, schedule=opts.schedule, weight_decay=opts.weight_decay,
                       augment=opts.augment, seed=opts.seed, activation=opts.activation,

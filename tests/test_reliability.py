@@ -485,7 +485,7 @@ CASES = [
      "error: --resume: {IN}/lenet_train.pt holds model 'lenet', not 'smallcnn'", None),
     ("train-robust-unwritable-results-dir",
      ["train-robust", "--results-dir", "{W}/afile/sub", "--device", "cpu", "--epochs", "1", "--n-train", "200",
-      "--val-size", "100", "--no-eval", "--model", "lenet"],
+      "--val-size", "100", "--model", "lenet"],
      "error: cannot create directory {W}/afile/sub", None),
 ]
 
