@@ -295,7 +295,8 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     config = {
         "run_id": run_id, "source": spec.source, "timestamp": info["timestamp"], "version": info["version"],
         "model": info["model"], "checkpoint": info["checkpoint"], "checkpoint_sha256": info["checkpoint_sha256"],
-        "dataset": info["dataset"], "dataset_sha256": info["dataset_sha256"], "split": "test", "n_examples": len(y), "seed": spec.seed,
+        "dataset": info["dataset"], "split": "test", "n_examples": len(y), "seed": spec.seed,
+        "dataset_sha256": info["dataset_sha256"],
         "batch_size": spec.batch_size, "device": str(device), "defense": info["defense"],
         "activation": info["activation"], "flags": flags,
         "threats": [{"norm": t.norm, "eps": t.eps, "eps_label": format_eps(t.eps)} for t in spec.threats],

@@ -105,7 +105,8 @@ def test_the_zoo_is_shared_by_all_results_dirs(tmp_path, mnist5k, advbench_home)
 
 def test_train_without_out_writes_the_zoo_entry(tmp_path, mnist5k, advbench_home):
     data = small_npz(tmp_path / "data.npz", mnist5k)
-    r = runner.invoke(app, ["train", "--model", "lenet", "--dataset", f"npz:{data}", "--epochs", "1", "--device", "cpu"])
+    r = runner.invoke(app, ["train", "--model", "lenet", "--dataset", f"npz:{data}", "--epochs", "1",
+                            "--device", "cpu"])
     assert r.exit_code == 0, r.stderr
     assert zoo.zoo_path("lenet", f"npz:{data}").is_file()
     assert not list(advbench_home.rglob("*.lock"))  # the output lock is gone with the training
