@@ -55,12 +55,13 @@ def save_checkpoint(path, ckpt: Dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
-def file_sha256(path, short: bool = True) -> str:
+def file_sha256(path) -> str:
+    """The full sha256 (64 hex) of a file."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:12] if short else h.hexdigest()
+    return h.hexdigest()
 
 
 def _unpickling_reason(text: str) -> str:

@@ -133,8 +133,10 @@ def train_cmd(
     activation: str = typer.Option("relu", "--activation", help="Activation (see `advbench list`)."),
     seed: int = typer.Option(0, "--seed"),
     n_train: Optional[int] = typer.Option(None, "--n-train", help="Train on a seeded subset of this size."),
-    out: Optional[str] = typer.Option(None, "--out", help="Checkpoint path (default: the zoo entry)."),
-    results_dir: str = typer.Option("results", "--results-dir"),
+    out: Optional[str] = typer.Option(None, "--out", help="Checkpoint path (default: the zoo entry in "
+                                                          "$ADVBENCH_HOME/models, ~/.cache/advbench/models)."),
+    results_dir: str = typer.Option("results", "--results-dir", hidden=True,
+                                    help="Unused: the zoo is $ADVBENCH_HOME/models, shared by all results dirs."),
     resume: bool = typer.Option(False, "--resume", help="Continue from --out's last epoch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     amp: Optional[str] = _SPEED["amp"],
@@ -142,14 +144,15 @@ def train_cmd(
     compile: bool = _SPEED["compile"],
 ):
     from .data import load_dataset
-    from .models import MODELS, activation_factory
+    from .models import MODELS, activation_factory, model_for_dataset
     from .training import TrainConfig, train
     from .zoo import zoo_path
 
     MODELS.canonical(model)
     activation_factory(activation)
     ds = load_dataset(dataset, data_dir=data_dir, download=download)
-    path = Path(out) if out else zoo_path(model, dataset, "standard", results_dir, activation)
+    model_for_dataset(model, ds, activation)  # a model that cannot take these images: refused before any file
+    path = Path(out) if out else zoo_path(model, ds, "standard", activation)
     cfg = TrainConfig(model=model, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr,
                       optimizer=optimizer, schedule=schedule, weight_decay=weight_decay, augment=augment,
                       seed=seed, activation=activation, out=str(path), resume=resume, device=device,

@@ -10,10 +10,16 @@ Names:
   mnist, fashion-mnist, cifar10, cifar100, svhn
                    through torchvision, from --data-dir (with --download to fetch them)
   npz:PATH         arrays x_train/y_train/x_test/y_test, uint8 NHWC/NHW or float NCHW in [0, 1]
+
+Every dataset has a ``fingerprint``: the sha256 of its four arrays, its identity whatever file or
+name it came from (the model zoo keys baselines by it; runs record it as dataset_sha256).
+An npz dataset needs at least one image in each split, integer labels >= 0, at least 2 classes and
+at most MAX_CLASSES classes (its class count is its largest label + 1).
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -28,6 +34,9 @@ from .registry import Registry
 
 DATASETS = Registry("dataset")
 DEFAULT_DATASET = "mnist-5k"
+# The most classes a dataset may have (ImageNet-21k has 21,841): a model has one output per class, so a
+# stray label such as 10**9 would otherwise build a 10**9-way classifier and exhaust the memory.
+MAX_CLASSES = 100_000
 
 
 @dataclass
@@ -41,6 +50,20 @@ class Dataset:
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     classes: Sequence[str] = field(default_factory=tuple)
+    _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (64 hex) of x_train, y_train, x_test, y_test: their dtypes, shapes and bytes
+        (computed once per Dataset)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for key in ("x_train", "y_train", "x_test", "y_test"):
+                t = getattr(self, key).detach().cpu().contiguous()
+                h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+                h.update(memoryview(t.numpy()).cast("B"))
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     @property
     def input_shape(self) -> Tuple[int, int, int]:
@@ -121,7 +144,19 @@ def to_labels(a: np.ndarray, n: int, what: str) -> torch.Tensor:
         raise AdvbenchError(f"{what}: labels must be integers, got {a.dtype}")
     if len(a) and a.min() < 0:
         raise AdvbenchError(f"{what}: labels must be >= 0")
+    if len(a) and a.max() >= MAX_CLASSES:
+        raise AdvbenchError(f"{what}: label {int(a.max())} is too large: labels are class indices 0..N-1 and at "
+                            f"most {MAX_CLASSES:,} classes are supported")
     return torch.from_numpy(a.astype(np.int64))
+
+
+def count_classes(y_train: torch.Tensor, y_test: torch.Tensor, what: str) -> int:
+    """The class count of integer labels (largest label + 1); at least 2 distinct labels are needed."""
+    labels = torch.unique(torch.cat([y_train, y_test]))
+    if len(labels) < 2:
+        raise AdvbenchError(f"{what}: every label is {int(labels[0])}: a classification dataset needs at least "
+                            f"2 classes")
+    return int(labels.max()) + 1
 
 
 # --- mnist-5k: the embedded default ------------------------------------------------------------
@@ -230,11 +265,15 @@ def _npz_load(path: str, data_dir: Optional[str] = None, download: bool = False)
         raise AdvbenchError(f"{p}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
     xt = to_tensor_images(arrays["x_train"], f"{p}:x_train")
     xs = to_tensor_images(arrays["x_test"], f"{p}:x_test")
+    for key, t in (("x_train", xt), ("x_test", xs)):
+        if len(t) == 0 or t[0].numel() == 0:
+            raise AdvbenchError(f"{p}:{key} holds no images (shape {tuple(t.shape)}): a dataset needs at least "
+                                f"one training and one test image")
     if xt.shape[1:] != xs.shape[1:]:
         raise AdvbenchError(f"{p}: x_train images {tuple(xt.shape[1:])} differ from x_test {tuple(xs.shape[1:])}")
     yt = to_labels(arrays["y_train"], len(xt), f"{p}:y_train")
     ys = to_labels(arrays["y_test"], len(xs), f"{p}:y_test")
-    num_classes = int(max(yt.max(), ys.max())) + 1
+    num_classes = count_classes(yt, ys, str(p))
     mean, std = channel_stats(xt)
     return Dataset(f"npz:{path}", xt, yt, xs, ys, num_classes, mean, std, tuple(str(i) for i in range(num_classes)))
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
 from .errors import AdvbenchError
 
@@ -22,6 +23,12 @@ def ensure_dir(path: PathLike) -> Path:
     if not os.access(p, os.W_OK | os.X_OK):
         raise AdvbenchError(f"directory {p} is not writable")
     return p
+
+
+def check_not_directory(path: PathLike, what: str = "output") -> None:
+    """Refuse a file destination where a directory is (before the work that would end in writing it)."""
+    if Path(path).is_dir():
+        raise AdvbenchError(f"{what} {path} is a directory, not a file: move it away or choose another path")
 
 
 def atomic_write(path: PathLike, writer: Callable[[object], None], binary: bool = True) -> None:
@@ -52,16 +59,70 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
 
 
+class LockBusy(AdvbenchError):
+    """``locked(..., timeout=...)`` gave up: another process holds the lock."""
+
+
+_HELD: dict = {}  # lock file -> nesting depth, for the locks this process holds
+
+
 @contextlib.contextmanager
-def locked(path: PathLike) -> Iterator[None]:
-    """Exclusive advisory lock on ``path + '.lock'`` for the duration of the block."""
+def locked(path: PathLike, timeout: Optional[float] = None,
+           on_wait: Optional[Callable[[], None]] = None) -> Iterator[None]:
+    """Exclusive advisory lock on ``path + '.lock'`` for the duration of the block.
+
+    ``timeout``: None waits as long as it takes, 0 does not wait, t > 0 waits up to t seconds; when
+    the lock stays held by another process it raises LockBusy. ``on_wait`` is called once when the
+    lock is held by another process on arrival (e.g. to say that this one waits). A process that holds
+    the lock may take it again (nested blocks). The lock file is removed on release; a process that
+    locked a file removed meanwhile sees that (the path names another inode, or none) and retries."""
     import fcntl
 
     lock_path = Path(str(path) + ".lock")
-    ensure_dir(lock_path.parent if str(lock_path.parent) else ".")
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    key = os.path.abspath(lock_path)
+    if key in _HELD:  # already ours
+        _HELD[key] += 1
         try:
             yield
         finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            _HELD[key] -= 1
+        return
+    ensure_dir(lock_path.parent if str(lock_path.parent) else ".")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waited = False
+    while True:
+        fh = open(lock_path, "a")
+        try:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise LockBusy(f"{path} is locked by another process (lock {lock_path} held)") from None
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                if deadline is None:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+                else:
+                    time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                    fh.close()
+                    continue
+            try:
+                same = os.stat(lock_path).st_ino == os.fstat(fh.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # its holder removed it as we waited: lock the current file
+                fh.close()
+                continue
+        except BaseException:
+            fh.close()
+            raise
+        break
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # while still holding it (see above)
+        fh.close()  # releases the lock

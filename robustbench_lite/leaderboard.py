@@ -41,7 +41,8 @@ MD_NAME = "leaderboard.md"
 WORST_CASE = "worst-case"
 
 COLUMNS = [
-    "run_id", "timestamp", "model", "checkpoint", "checkpoint_sha256", "dataset", "n_examples", "norm", "eps",
+    "run_id", "timestamp", "model", "checkpoint", "checkpoint_sha256", "dataset", "dataset_sha256", "n_examples",
+    "norm", "eps",
     "attack", "attack_params", "clean_acc", "robust_acc", "success_rate", "mean_norm", "max_norm", "seconds",
     "images_per_s", "device", "seed", "defense", "defense_params", "activation", "version", "flags",
 ]

@@ -316,9 +316,29 @@ def create_model(name: str, *, in_channels: int = 3, num_classes: int = 10, inpu
     return model
 
 
+# The smallest images a built-in model takes (its pooling leaves no pixel below that); the ResNets and
+# WideResNets end in adaptive pooling and take any size. Other models are tried with one image.
+MIN_INPUT_SIZE = {"smallcnn": 4, "lenet": 12}
+
+
 def model_for_dataset(name: str, dataset, activation: str = "relu", smooth_backward: Optional[str] = None
                       ) -> Classifier:
-    """Build ``name`` sized for a robustbench_lite.data.Dataset."""
+    """Build ``name`` sized for a robustbench_lite.data.Dataset. A model that cannot take the dataset's
+    images is refused here, with the size it needs (or the reason its one-image trial forward gave)."""
     c, h, w = dataset.input_shape
-    return create_model(name, in_channels=c, num_classes=dataset.num_classes, input_size=h,
-                        mean=dataset.mean, std=dataset.std, activation=activation, smooth_backward=smooth_backward)
+    key = MODELS.canonical(name)
+    need = MIN_INPUT_SIZE.get(key)
+    if need and min(h, w) < need:
+        raise AdvbenchError(f"model {name!r} needs inputs of at least {need}x{need} pixels, dataset {dataset.name} "
+                            f"has {h}x{w}")
+    model = create_model(name, in_channels=c, num_classes=dataset.num_classes, input_size=h,
+                         mean=dataset.mean, std=dataset.std, activation=activation, smooth_backward=smooth_backward)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, c, h, w))
+    except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a ViT built for 224 px, or non-square images
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AdvbenchError(f"model {name!r} cannot take the {c}x{h}x{w} images of dataset {dataset.name} "
+                            f"({why})") from None
+    return model.train(was_training)

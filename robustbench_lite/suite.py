@@ -203,9 +203,11 @@ def activation_label(ckpt, model) -> str:
 
 
 def load_model(spec: RunSpec, console=None, quiet: bool = False):
-    """(model, dataset, info) for a run: the checkpoint, or the zoo baseline (trained when missing)."""
+    """(model, dataset, info) for a run: the checkpoint, or the zoo baseline (trained when missing).
+    The dataset is loaded and checked against --n-examples (and a baseline's model against its images)
+    before any baseline is trained."""
     from .checkpoint import file_sha256, model_from_checkpoint, read_checkpoint
-    from .data import load_dataset
+    from .data import check_n_examples, load_dataset
     from .runtime import resolve_device
     from .zoo import get_or_train
 
@@ -215,21 +217,22 @@ def load_model(spec: RunSpec, console=None, quiet: bool = False):
         ckpt = read_checkpoint(path)
         dataset = spec.dataset or ckpt.get("dataset") or DEFAULT_DATASET
         ds = load_dataset(dataset, data_dir=spec.data_dir, download=spec.download)
+        check_n_examples(spec.n_examples, len(ds.y_test), f"the test split of {ds.name}")
         model, ckpt = model_from_checkpoint(path, spec.model, ds)
     else:
         dataset = spec.dataset or DEFAULT_DATASET
         ds = load_dataset(dataset, data_dir=spec.data_dir, download=spec.download)
+        check_n_examples(spec.n_examples, len(ds.y_test), f"the test split of {ds.name}")
         dev = resolve_device(spec.device)
-        model, path, _ = get_or_train(spec.model, dataset, results_dir=spec.results_dir, seed=spec.seed,
-                                      device=str(dev), console=console, quiet=quiet, data_dir=spec.data_dir,
-                                      download=spec.download)
+        model, path, _ = get_or_train(spec.model, dataset, seed=spec.seed, device=str(dev), console=console,
+                                      quiet=quiet, data_dir=spec.data_dir, download=spec.download)
         ckpt = read_checkpoint(path)
         flags.append("zoo")
     model.eval()
     defense, defense_params = _defense(ckpt)
     name = ckpt.get("model") or spec.model or model.spec.get("name")
     info = {"model": name, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path),
-            "dataset": ds.name,
+            "dataset": ds.name, "dataset_sha256": ds.fingerprint,
             "defense": defense or ("standard" if ckpt.get("format") else ""),
             "defense_params": json.dumps(defense_params, sort_keys=True) if defense_params else "",
             "activation": activation_label(ckpt, model),
@@ -315,6 +318,7 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
         "run_id": run_id, "source": spec.source, "timestamp": info["timestamp"], "version": info["version"],
         "model": info["model"], "checkpoint": info["checkpoint"], "checkpoint_sha256": info["checkpoint_sha256"],
         "dataset": info["dataset"], "split": "test", "n_examples": len(y), "seed": spec.seed,
+        "dataset_sha256": info["dataset_sha256"],
         "batch_size": spec.batch_size, "device": str(device), "defense": info["defense"],
         "activation": info["activation"], "flags": flags,
         "threats": [{"norm": t.norm, "eps": t.eps, "eps_label": format_eps(t.eps)} for t in spec.threats],

@@ -333,6 +333,32 @@ def _reduce_epoch_sums(seen, clean_seen, loss_acc, corr_acc, adv_acc, extra_sums
             dict(zip(keys, t[5:])))
 
 
+def _output_locked(train_fn):
+    """Hold a lock on ``cfg.out`` for the whole training (rank 0 only; under torchrun the others follow
+    it): a second training of the same output is refused at once instead of re-running its epochs."""
+    import contextlib
+    import functools
+
+    from .fileio import LockBusy, check_not_directory, locked
+
+    @functools.wraps(train_fn)
+    def wrapper(cfg: TrainConfig, *args, **kwargs):
+        out = Path(cfg.out)
+        check_not_directory(out, "checkpoint")
+        ensure_dir(out.parent)
+        with contextlib.ExitStack() as stack:
+            if env_rank() == 0:
+                try:
+                    stack.enter_context(locked(out, timeout=0))
+                except LockBusy:
+                    raise AdvbenchError(f"{out} is being trained by another process (lock {out}.lock held); wait "
+                                        f"for it to finish or choose another --out") from None
+            return train_fn(cfg, *args, **kwargs)
+
+    return wrapper
+
+
+@_output_locked
 def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
           validate: Optional[Callable[[Any, int], Dict[str, float]]] = None, select: Optional[str] = None,
           averager=None, console=None, quiet: bool = False, x_val=None, y_val=None,
@@ -707,12 +733,14 @@ def build_method(name: str, threat, *, steps: Optional[int] = None, alpha: Optio
 
 
 def robust_out_path(opts: RobustTrainOptions, method_name: str) -> Path:
-    """Default checkpoint: <results>/models/MODEL-DATASET-METHOD[-swa|-ema][-ACT].pt."""
+    """Default checkpoint: the zoo entry MODEL-DATASET-FINGERPRINT-METHOD[-swa|-ema][-ACT].pt (zoo.zoo_path)."""
+    from .data import load_dataset
     from .zoo import zoo_path
 
     tag = method_name + ("-swa" if opts.swa_start is not None else "") + ("-ema" if opts.ema is not None else "")
     act = opts.activation if not opts.smooth_backward else f"relu-sb-{opts.smooth_backward}"
-    return zoo_path(opts.model, opts.dataset, tag, opts.results_dir, act)
+    ds = load_dataset(opts.dataset, data_dir=opts.data_dir, download=opts.download)  # cached: the one trained on
+    return zoo_path(opts.model, ds, tag, act)
 
 
 def evaluate_and_record(checkpoint, threat, *, steps: int = 20, n_examples: Optional[int] = 1000,
@@ -745,7 +773,8 @@ def _final_eval_recorded(checkpoint: Path, results_dir: str) -> bool:
         return False
     if df.empty or "checkpoint_sha256" not in df.columns:
         return False
-    return bool((df["checkpoint_sha256"].astype(str) == file_sha256(checkpoint)).any())
+    digest = file_sha256(checkpoint)  # rows before the full hashes hold its first 12 hex
+    return any(len(h) >= 12 and digest.startswith(h) for h in df["checkpoint_sha256"].astype(str))
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -789,6 +818,8 @@ def run_robust_training(opts: RobustTrainOptions, console=None, quiet: bool = Fa
                           mix_weight=opts.mix_weight, bn_mode=opts.bn_mode, seed=opts.seed,
                           eps_warmup=warmup)
     out = Path(opts.out) if opts.out else robust_out_path(opts, method_name)
+    if opts.evaluate:  # the final evaluation records in the results dir (the zoo is elsewhere): check it first
+        ensure_dir(opts.results_dir)
     cfg = TrainConfig(model=opts.model, dataset=opts.dataset, epochs=opts.epochs, batch_size=opts.batch_size,
                       lr=opts.lr, optimizer=opts.optimizer, schedule=opts.schedule, weight_decay=opts.weight_decay,
                       augment=opts.augment, seed=opts.seed, activation=opts.activation,

@@ -1,14 +1,25 @@
-"""The local model zoo: trained checkpoints under <results>/models/<model>-<dataset>-<defense>.pt.
+"""The model zoo: trained checkpoints in one user cache, shared by every results folder:
+
+    $ADVBENCH_HOME/models/MODEL-DATASETTAG-FINGERPRINT-DEFENSE[-ACT].pt
+
+ADVBENCH_HOME defaults to $XDG_CACHE_HOME/advbench, else ~/.cache/advbench (home()). DATASETTAG is
+the dataset's name made file-name safe (npz:PATH gives npz-STEM) and FINGERPRINT the first 12 hex of
+Dataset.fingerprint (a sha256 of the arrays): an entry belongs to the data, not to a file name, so
+npz files with the same stem but other contents get entries of their own.
 
 `advbench attack` uses the zoo entry when no --checkpoint is given and, when there is none,
-trains a standard baseline first (and says so)."""
+trains a standard baseline first (and says so). Checking for the entry, training it and writing it
+happen under a lock on the entry: concurrent runs train it once, the others wait and then use it."""
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
+from .data import Dataset, load_dataset
 from .training import TrainConfig
 
 # Baseline budgets that reach sane clean accuracy on 2 CPU cores in reasonable time.
@@ -19,6 +30,15 @@ BASELINE = {
 DEFAULT_BASELINE = dict(epochs=2, batch_size=128, lr=0.05)
 
 
+def home() -> Path:
+    """$ADVBENCH_HOME, else $XDG_CACHE_HOME/advbench (an absolute XDG_CACHE_HOME), else ~/.cache/advbench."""
+    env = os.environ.get("ADVBENCH_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "advbench"
+
+
 def dataset_tag(dataset: str) -> str:
     """A file-name-safe tag: 'npz:../shared/data/cifar10.npz' -> 'npz-cifar10'."""
     if dataset.lower().startswith("npz:"):
@@ -26,11 +46,13 @@ def dataset_tag(dataset: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset)
 
 
-def zoo_path(model: str, dataset: str, defense: str = "standard", results_dir: str = "results",
-             activation: str = "relu") -> Path:
+def zoo_path(model: str, dataset: Union[str, Dataset], defense: str = "standard", activation: str = "relu") -> Path:
+    """The zoo entry of ``model`` trained with ``defense`` on ``dataset`` (a Dataset, or a name that
+    loads without --data-dir: mnist-5k, npz:PATH)."""
+    ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", model)
     act = "" if activation == "relu" else f"-{activation}"
-    return Path(results_dir) / "models" / f"{name}-{dataset_tag(dataset)}-{defense}{act}.pt"
+    return home() / "models" / f"{name}-{dataset_tag(ds.name)}-{ds.fingerprint[:12]}-{defense}{act}.pt"
 
 
 def baseline_config(model: str, dataset: str, out: Path, seed: int = 0, device: str = "cpu") -> TrainConfig:
@@ -52,35 +74,44 @@ def interrupted_config(ckpt) -> Optional[TrainConfig]:
     return TrainConfig(**{k: v for k, v in stored.items() if k in known})
 
 
-def get_or_train(model: str, dataset: str, results_dir: str = "results", seed: int = 0, device: str = "cpu",
-                 console=None, quiet: bool = False, data_dir: Optional[str] = None, download: bool = False):
+def get_or_train(model: str, dataset: str, seed: int = 0, device: str = "cpu", console=None, quiet: bool = False,
+                 data_dir: Optional[str] = None, download: bool = False):
     """Return (model, checkpoint path, trained_now).
 
     A zoo checkpoint left by an interrupted baseline training (e.g. `advbench attack` killed while
-    it trained the baseline) is not used as it is: its training is resumed to the end first."""
+    it trained the baseline) is not used as it is: its training is resumed to the end first.
+    Under torchrun only rank 0 takes the lock; the ranks follow its view of the entry."""
     from .checkpoint import model_from_checkpoint, read_checkpoint
-    from .data import load_dataset
     from . import distributed
+    from .fileio import check_not_directory, locked
+    from .models import model_for_dataset
     from .training import train
 
     ds = load_dataset(dataset, data_dir=data_dir, download=download)
-    path = zoo_path(model, dataset, "standard", results_dir)
-    # under torchrun every rank takes rank 0's view (they then train together, or all load)
-    if distributed.broadcast_object(path.is_file()):
-        ck = read_checkpoint(path)
-        unfinished = interrupted_config(ck)
-        if unfinished is None:
-            net, _ = model_from_checkpoint(path, model, ds)
-            return net, path, False
-        cfg = replace(unfinished, out=str(path), resume=True, device=device)
-        if console is not None and not quiet:
-            console.print(f"zoo checkpoint {path} is from an interrupted training (epoch {ck.get('epoch')} of "
-                          f"{cfg.epochs}): resuming it first", markup=False, highlight=False)
+    path = zoo_path(model, ds, "standard")
+    check_not_directory(path, "zoo entry")
+    if not path.is_file():
+        model_for_dataset(model, ds)  # a model that cannot take these images: refused before any lock or training
+    say = console.print if console is not None and not quiet else (lambda *a, **k: None)
+
+    def waiting():
+        say(f"waiting for another process training {path}", markup=False, highlight=False)
+
+    with locked(path, on_wait=waiting) if distributed.context().is_main else contextlib.nullcontext():
+        # under torchrun every rank takes rank 0's view (they then train together, or all load)
+        if distributed.broadcast_object(path.is_file()):
+            ck = read_checkpoint(path)
+            unfinished = interrupted_config(ck)
+            if unfinished is None:
+                net, _ = model_from_checkpoint(path, model, ds)
+                return net, path, False
+            cfg = replace(unfinished, out=str(path), resume=True, device=device)
+            say(f"zoo checkpoint {path} is from an interrupted training (epoch {ck.get('epoch')} of "
+                f"{cfg.epochs}): resuming it first", markup=False, highlight=False)
+            res = train(cfg, dataset=ds, console=console, quiet=quiet)
+            return res.model, path, True
+        cfg = baseline_config(model, dataset, path, seed=seed, device=device)
+        say(f"no zoo checkpoint {path}: training a standard {model} baseline on {ds.name} first "
+            f"({cfg.epochs} epochs)", markup=False, highlight=False)
         res = train(cfg, dataset=ds, console=console, quiet=quiet)
         return res.model, path, True
-    cfg = baseline_config(model, dataset, path, seed=seed, device=device)
-    if console is not None and not quiet:
-        console.print(f"no zoo checkpoint {path}: training a standard {model} baseline on {ds.name} first "
-                      f"({cfg.epochs} epochs)")
-    res = train(cfg, dataset=ds, console=console, quiet=quiet)
-    return res.model, path, True

@@ -1,6 +1,7 @@
-"""Shared fixtures: the embedded dataset and a quickly trained smallcnn."""
+"""Shared fixtures: the embedded dataset, a quickly trained smallcnn, and a private model zoo per test."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,32 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(autouse=True)
+def advbench_home(tmp_path, monkeypatch):
+    """Every test gets its own empty ADVBENCH_HOME (the model zoo; subprocesses inherit it): no test
+    reads or writes ~/.cache/advbench."""
+    home = tmp_path / "advbench-home"
+    monkeypatch.setenv("ADVBENCH_HOME", str(home))
+    return home
+
+
+def seed_zoo(checkpoint, model: str = "smallcnn", dataset: str = "mnist-5k") -> Path:
+    """Copy ``checkpoint`` in as the standard zoo baseline of ``model`` on ``dataset`` (under the current
+    ADVBENCH_HOME); returns the entry's path."""
+    from robustbench_lite.zoo import zoo_path
+
+    dest = zoo_path(model, dataset)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(checkpoint, dest)
+    return dest
+
+
+@pytest.fixture
+def zoo_smallcnn(trained_smallcnn_path, advbench_home):
+    """The session's trained smallcnn as this test's zoo baseline for mnist-5k; returns its path."""
+    return seed_zoo(trained_smallcnn_path)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,7 +35,7 @@ def test_attack_json_summary_run_folder_and_leaderboard(trained_smallcnn_path, r
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)  # nothing but JSON on stdout
     assert out["model"] == "smallcnn" and out["dataset"] == "mnist-5k" and out["n_examples"] == 100
-    assert out["defense"] == "standard" and out["activation"] == "relu" and len(out["checkpoint_sha256"]) == 12
+    assert out["defense"] == "standard" and out["activation"] == "relu" and len(out["checkpoint_sha256"]) == 64
     assert out["clean_acc"] > 0.9
     (t,) = out["threats"]
     assert t["norm"] == "linf" and t["eps"] == 0.3 and list(t["attacks"]) == ["fgsm", "bim", "pgd"]
@@ -96,7 +95,7 @@ def test_attack_without_checkpoint_trains_the_zoo_baseline_first(results, monkey
     assert r.exit_code == 0, r.stderr
     assert "no zoo checkpoint" in r.stdout
     assert "training a standard lenet baseline on mnist-5k first (1 epochs)" in r.stdout
-    assert (results / "models" / "lenet-mnist-5k-standard.pt").is_file()
+    assert zoo.zoo_path("lenet", "mnist-5k").is_file() and not (results / "models").exists()
     r = run(*args)  # the second time the cached baseline is used
     assert r.exit_code == 0 and "training" not in r.stdout
     with open(results / "leaderboard.csv") as f:
@@ -104,14 +103,12 @@ def test_attack_without_checkpoint_trains_the_zoo_baseline_first(results, monkey
     assert len(rows) == 4 and {x["flags"] for x in rows} == {"zoo"} and len({x["run_id"] for x in rows}) == 2
 
 
-def test_zoo_entry_is_used_when_present(trained_smallcnn_path, results):
-    (results / "models").mkdir(parents=True)
-    shutil.copy(trained_smallcnn_path, results / "models" / "smallcnn-mnist-5k-standard.pt")
+def test_zoo_entry_is_used_when_present(zoo_smallcnn, results):
     r = run("attack", "--model", "smallcnn", "--eps", "8/255", "--attack", "fgsm", "--n-examples", "20",
             "--results-dir", results, "--device", "cpu", "--json")
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["checkpoint"].endswith("smallcnn-mnist-5k-standard.pt") and out["threats"][0]["eps_label"] == "8/255"
+    assert out["checkpoint"] == str(zoo_smallcnn) and out["threats"][0]["eps_label"] == "8/255"
 
 
 # -- errors: one line on stderr, exit code 2 ----------------------------------------------------------

@@ -1,7 +1,6 @@
 """DDP on CPU: 2 gloo processes started by torchrun give the single-process numbers."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -31,10 +30,7 @@ def _strip(summary):
     return out
 
 
-def test_ddp_attack_equals_single_process(tmp_path, trained_smallcnn_path):
-    models = tmp_path / "res" / "models"
-    models.mkdir(parents=True)
-    shutil.copy(trained_smallcnn_path, models / "smallcnn-mnist-5k-standard.pt")
+def test_ddp_attack_equals_single_process(tmp_path, zoo_smallcnn):
     args = ["attack", "--model", "smallcnn", "--eps", "0.1,0.2", "--n-examples", "120", "--attack", "fgsm,pgd",
             "--restarts", "2", "--results-dir", "res", "--device", "cpu", "--json", "--batch-size", "50"]
     single = _single(args, tmp_path)
@@ -158,5 +154,7 @@ def test_ddp_attack_trains_a_missing_zoo_baseline_on_all_ranks(tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     summary = json.loads(ddp.stdout)
     assert summary["n_examples"] == 60 and summary["clean_acc"] > 0.9
-    assert (tmp_path / "res" / "models" / "smallcnn-mnist-5k-standard.pt").is_file()
+    from robustbench_lite.zoo import zoo_path
+
+    assert zoo_path("smallcnn", "mnist-5k").is_file()  # in this test's ADVBENCH_HOME (inherited by torchrun)
     assert not list((tmp_path / "res").glob("**/*.tmp"))

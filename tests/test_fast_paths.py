@@ -1,7 +1,6 @@
 """The fast-path flags (--amp bf16, --channels-last, --compile) run and agree with the default path.
 On CUDA they are measured by benchmarks/; here they run on the CPU."""
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -12,10 +11,7 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def results(tmp_path, trained_smallcnn_path):
-    models = tmp_path / "res" / "models"
-    models.mkdir(parents=True)
-    shutil.copy(trained_smallcnn_path, models / "smallcnn-mnist-5k-standard.pt")
+def results(tmp_path, zoo_smallcnn):
     return tmp_path / "res"
 
 

@@ -44,7 +44,13 @@ from robustbench_lite.models import create_model
 from robustbench_lite.threat import ThreatModel, format_eps, parse_eps, parse_eps_list
 
 runner = CliRunner()
-ZOO = "smallcnn-mnist-5k-standard.pt"
+ZOO = "home/models/{}"  # a world's own zoo, under its ADVBENCH_HOME W/home (set by make_world)
+
+
+def zoo_entry(w: Path, model: str = "smallcnn") -> Path:
+    from robustbench_lite.zoo import zoo_path
+
+    return w / ZOO.format(zoo_path(model, "mnist-5k").name)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -112,11 +118,13 @@ def template(tmp_path_factory, trained_smallcnn_path, mnist5k):
 
     w = tmp_path_factory.mktemp("world")
     res, inp = w / "results", w / "in"
-    (res / "models").mkdir(parents=True)
+    zoo_entry(w).parent.mkdir(parents=True)
     inp.mkdir()
-    shutil.copy2(trained_smallcnn_path, res / "models" / ZOO)
-    r = runner.invoke(app, ["attack", "--model", "smallcnn", "--eps", "0.1", "--attack", "fgsm,pgd", "--steps", "2",
-                            "-n", "20", "--results-dir", str(res), "--device", "cpu"])
+    shutil.copy2(trained_smallcnn_path, zoo_entry(w))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADVBENCH_HOME", str(w / "home"))
+        r = runner.invoke(app, ["attack", "--model", "smallcnn", "--eps", "0.1", "--attack", "fgsm,pgd", "--steps",
+                                "2", "-n", "20", "--results-dir", str(res), "--device", "cpu"])
     assert r.exit_code == 0, r.stderr
     assert (res / "leaderboard.csv").is_file() and (res / "leaderboard.md").is_file()
     (w / "afile").write_text("a regular file: nothing can be created below it\n")
@@ -147,6 +155,15 @@ def template(tmp_path_factory, trained_smallcnn_path, mnist5k):
                       device="cpu"), dataset=mnist5k, quiet=True)
     _npz(inp / "rgb.npz", 3, 32, 10)
     _npz(inp / "three.npz", 1, 28, 3)
+    _npz(inp / "one_class.npz", 1, 28, 1)
+    _npz(inp / "tiny.npz", 1, 2, 10)  # 2x2 images
+    with np.load(inp / "three.npz") as f:
+        good_arrays = dict(f)
+    np.savez(inp / "huge_label.npz", **{**good_arrays, "y_train": np.r_[good_arrays["y_train"][:-1], 10 ** 9]})
+    np.savez(inp / "empty_test.npz", **{**good_arrays, "x_test": np.zeros((0, 28, 28), np.uint8),
+                                       "y_test": np.zeros(0, np.int64)})
+    np.savez(inp / "empty_train.npz", **{**good_arrays, "x_train": np.zeros((0, 28, 28), np.uint8),
+                                        "y_train": np.zeros(0, np.int64)})
     np.savez(inp / "pickled.npz", x_train=np.array([_Payload(str(w / "PWNED"))], dtype=object),
              y_train=np.zeros(1), x_test=np.zeros(1), y_test=np.zeros(1))
     (inp / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
@@ -184,11 +201,12 @@ def make_world(template: Path, dest: Path) -> Path:
     """A private copy of the template (hard links: fast; a tool that writes in place would still be
     caught, since our snapshot is taken after linking and compares content and mtime)."""
     shutil.copytree(template, dest, copy_function=os.link)
+    os.environ["ADVBENCH_HOME"] = str(dest / "home")  # its zoo (conftest's autouse fixture restores the variable)
     return dest
 
 
 def fill(text: str, w: Path) -> str:
-    return text.format(W=w, R=w / "results", IN=w / "in", ZOO=w / "results" / "models" / ZOO)
+    return text.format(W=w, R=w / "results", IN=w / "in", ZOO=zoo_entry(w))
 
 
 # --- setups that put a bad file in place before the command runs -----------------------------------------
@@ -332,6 +350,22 @@ CASES = [
      "error: checkpoint {IN}/lenet.pt expects 1x28x28 inputs, dataset npz:{IN}/rgb.npz has 3x32x32", None),
     ("attack-npz-with-pickled-objects", M + ["--dataset", "npz:{IN}/pickled.npz", "--eps", "0.1"],
      "error: {IN}/pickled.npz: not a readable .npz file", None),
+    ("attack-npz-label-1e9", M + ["--dataset", "npz:{IN}/huge_label.npz", "--eps", "0.1"],
+     "error: {IN}/huge_label.npz:y_train: label 1000000000 is too large: labels are class indices 0..N-1 and at "
+     "most 100,000 classes are supported", None),
+    ("attack-npz-one-class", M + ["--dataset", "npz:{IN}/one_class.npz", "--eps", "0.1"],
+     "error: {IN}/one_class.npz: every label is 0: a classification dataset needs at least 2 classes", None),
+    ("attack-npz-empty-test-split", M + ["--dataset", "npz:{IN}/empty_test.npz", "--eps", "0.1"],
+     "error: {IN}/empty_test.npz:x_test holds no images (shape (0, 1, 28, 28))", None),
+    ("attack-npz-2x2-images", M + ["--dataset", "npz:{IN}/tiny.npz", "--eps", "0.1"],
+     "error: model 'smallcnn' needs inputs of at least 4x4 pixels, dataset npz:{IN}/tiny.npz has 2x2", None),
+    ("attack-torchvision-vit-on-28-pixels", A + ["--model", "tv:vit_b_16", "--eps", "0.1"],
+     "error: model 'tv:vit_b_16' cannot take the 1x28x28 images of dataset mnist-5k (Wrong image height! "
+     "Expected 224 but got 28!)", None),
+    ("attack-zoo-entry-is-a-directory", A + ["--model", "lenet", "--eps", "0.1"],
+     "error: zoo entry {W}/home/models/lenet-mnist-5k-", lambda w: zoo_entry(w, "lenet").mkdir()),
+    ("attack-n-examples-larger-than-split-without-zoo-entry", A + ["--model", "lenet", "--eps", "0.1", "-n", "999999"],
+     "error: --n-examples 999999 is larger than the test split of mnist-5k (1000 examples)", None),
     # -- attack: sizes and budgets --------------------------------------------------------------------
     ("attack-n-examples-0", C + ["-n", "0"], "error: --n-examples must be >= 1 (got 0)", None),
     ("attack-n-examples-larger-than-split", C + ["-n", "1001"],
@@ -394,6 +428,15 @@ CASES = [
      "error: --resume: {IN}/lenet.pt is not a resumable training checkpoint", None),
     ("train-unwritable-out", T + ["--out", "{W}/afile/sub/m.pt"],
      "error: cannot create directory {W}/afile/sub: Not a directory", None),
+    ("train-out-is-a-directory", T + ["--out", "{IN}"], "error: checkpoint {IN} is a directory, not a file", None),
+    ("train-npz-empty-train-split", T + ["--dataset", "npz:{IN}/empty_train.npz"],
+     "error: {IN}/empty_train.npz:x_train holds no images", None),
+    ("train-npz-2x2-images", T + ["--dataset", "npz:{IN}/tiny.npz"],
+     "error: model 'lenet' needs inputs of at least 12x12 pixels, dataset npz:{IN}/tiny.npz has 2x2", None),
+    ("train-robust-out-is-a-directory", TR + ["--out", "{IN}"], "error: checkpoint {IN} is a directory, not a file",
+     None),
+    ("train-robust-npz-2x2-images", TR + ["--dataset", "npz:{IN}/tiny.npz", "--n-train", "20", "--val-size", "5"],
+     "error: model 'lenet' needs inputs of at least 12x12 pixels, dataset npz:{IN}/tiny.npz has 2x2", None),
     # -- run (suites) ---------------------------------------------------------------------------------
     ("run-missing-suite", ["run", "{IN}/none.yaml"], "error: suite file not found: {IN}/none.yaml", None),
     ("run-invalid-yaml", RUN, "error: {IN}/suite.yaml: line 2: invalid YAML:", suite("models: [smallcnn\nthreats: x\n")),
@@ -447,7 +490,7 @@ CASES = [
      corrupt_leaderboard("missing-columns")),
     ("leaderboard-truncated", L, "error: {R}/leaderboard.csv is corrupt: its last row is incomplete",
      corrupt_leaderboard("truncated")),
-    ("leaderboard-short-row", L, "error: {R}/leaderboard.csv is corrupt: record 2 has 3 fields, the header has 25",
+    ("leaderboard-short-row", L, "error: {R}/leaderboard.csv is corrupt: record 2 has 3 fields, the header has 26",
      corrupt_leaderboard("short-row")),
     ("leaderboard-not-utf8", L, "error: {R}/leaderboard.csv is corrupt (", corrupt_leaderboard("not-utf8")),
     ("leaderboard-not-a-number", L, "error: {R}/leaderboard.csv is corrupt: row 2 has eps='zero.one' (not a number)",
@@ -478,7 +521,7 @@ CASES = [
      "error: --resume: {IN}/lenet_train.pt holds model 'lenet', not 'smallcnn'", None),
     ("train-robust-unwritable-results-dir",
      ["train-robust", "--results-dir", "{W}/afile/sub", "--device", "cpu", "--epochs", "1", "--n-train", "200",
-      "--val-size", "100", "--no-eval", "--model", "lenet"],
+      "--val-size", "100", "--model", "lenet"],
      "error: cannot create directory {W}/afile/sub", None),
     # -- issue 12: a run's record is all or nothing --------------------------------------------------
     ("attack-leaderboard-md-is-a-directory", C,

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -189,16 +188,15 @@ def _rows(results: Path):
         return list(csv.DictReader(f))
 
 
-def test_sigkill_during_attack_leaves_leaderboard_and_checkpoints_intact(tmp_path, trained_smallcnn_path, mnist5k):
+def test_sigkill_during_attack_leaves_leaderboard_and_checkpoints_intact(tmp_path, zoo_smallcnn, mnist5k):
     results = tmp_path / "results"
-    (results / "models").mkdir(parents=True)
-    ckpt = results / "models" / "smallcnn-mnist-5k-standard.pt"
-    shutil.copy(trained_smallcnn_path, ckpt)
+    ckpt = zoo_smallcnn
+    env = {**ENV, "ADVBENCH_HOME": os.environ["ADVBENCH_HOME"]}  # this test's zoo (ENV was copied at import)
     ckpt_sha = sha(ckpt)
     cmd = CLI + ["attack", "--model", "smallcnn", "--eps", "0.2", "--attack", "fgsm,pgd", "--steps", "5", "-n", "60",
                  "--results-dir", str(results), "--device", "cpu"]
     t0 = time.time()
-    first = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)  # a prior leaderboard
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # a prior leaderboard
     duration = time.time() - t0
     assert first.returncode == 0, first.stderr
     rows_per_run = len(_rows(results))
@@ -212,7 +210,7 @@ def test_sigkill_during_attack_leaves_leaderboard_and_checkpoints_intact(tmp_pat
     before_md = (results / "leaderboard.md").read_text()
     for kind, delay in triggers:
         runs_before = set(os.listdir(results / "runs"))
-        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             start = time.time()
             while proc.poll() is None and time.time() - start < 300:
@@ -251,7 +249,7 @@ def test_sigkill_during_attack_leaves_leaderboard_and_checkpoints_intact(tmp_pat
     assert interrupted >= 3, f"only {interrupted} of {len(triggers)} runs were still going when killed"
 
     # and the next run appends as usual
-    last = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    last = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert last.returncode == 0, last.stderr
     assert len(_rows(results)) == len(before_rows) + rows_per_run
     assert (results / "leaderboard.md").read_text() == lb.render_markdown(lb.read(results))
@@ -267,7 +265,7 @@ def test_interrupted_zoo_baseline_is_resumed_not_used_half_trained(tmp_path, mni
     orig = zoo.baseline_config
     monkeypatch.setattr(zoo, "baseline_config", lambda *a, **k: replace(orig(*a, **k), epochs=2, n_train=300))
     results = tmp_path / "results"
-    path = zoo.zoo_path("lenet", "mnist-5k", "standard", str(results))
+    path = zoo.zoo_path("lenet", "mnist-5k", "standard")
     cfg = zoo.baseline_config("lenet", "mnist-5k", path, seed=0, device="cpu")
 
     def killed_after_epoch_1(epoch, row):

@@ -17,6 +17,7 @@ from robustbench_lite.errors import AdvbenchError
 from robustbench_lite.threat import ThreatModel
 from robustbench_lite.training import (RobustValidation, TrainConfig, best_path, lr_at, metrics_path,
                                        split_train_val, train)
+from robustbench_lite.zoo import zoo_path
 
 runner = CliRunner()
 THREAT = ThreatModel("linf", 0.3)
@@ -214,9 +215,8 @@ def test_train_robust_cli_end_to_end(tmp_path):
     r = runner.invoke(app, ["train-robust", "--method", "pgd-at", "--activation", "silu", "--results-dir",
                             str(res_dir)] + TINY)
     assert r.exit_code == 0, r.output
-    out = res_dir / "models" / "lenet-mnist-5k-pgd-at-silu.pt"
-    assert out.is_file() and (res_dir / "models" / "lenet-mnist-5k-pgd-at-silu.best.pt").is_file()
-    assert (res_dir / "models" / "lenet-mnist-5k-pgd-at-silu.metrics.csv").is_file()
+    out = zoo_path("lenet", "mnist-5k", "pgd-at", "silu")
+    assert out.is_file() and out.with_suffix(".best.pt").is_file() and out.with_suffix(".metrics.csv").is_file()
     assert "pgd-at training of lenet (silu)" in r.output and "best epoch 1" in r.output
     # one epoch: best.pt holds the final weights, evaluated and recorded once
     assert "best epoch is the last one: evaluated once" in r.output and "final+best model" in r.output
@@ -240,7 +240,7 @@ def test_train_robust_cli_smooth_backward_and_averaging_names(tmp_path):
     r = runner.invoke(app, ["train-robust", "--method", "mix", "--smooth-backward", "softplus", "--swa-start", "1",
                             "--no-eval", "--results-dir", str(tmp_path)] + [a if a != "2" else "1" for a in TINY])
     assert r.exit_code == 0, r.output
-    out = tmp_path / "models" / "lenet-mnist-5k-mix-swa-relu-sb-softplus.pt"
+    out = zoo_path("lenet", "mnist-5k", "mix-swa", "relu-sb-softplus")
     ck = read_checkpoint(out)
     assert ck["smooth_backward"] == "softplus" and ck["defense"]["smooth_backward"] == "softplus"
     assert ck["defense"]["averaging"] == "swa" and not (tmp_path / "leaderboard.csv").exists()
