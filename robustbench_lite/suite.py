@@ -16,7 +16,7 @@ attack` is one run; `advbench run SUITE.yaml` is a run per model of the suite:
     models:
       - name: smallcnn                # zoo baseline (trained and cached when missing)
       - name: smallcnn
-        checkpoint: results/models/smallcnn-mnist-5k-pgd-at.pt
+        checkpoint: models/smallcnn-mnist-5k-pgd-at.pt   # e.g. train-robust --out models/...
         dataset: mnist-5k             # optional, per model
     threats:
       - {norm: linf, eps: 0.1}
@@ -77,7 +77,7 @@ class RunRecord:
     info: Dict[str, Any]
 
     def summary(self) -> Dict[str, Any]:
-        keep = ("model", "checkpoint", "checkpoint_sha256", "dataset", "defense", "activation", "version",
+        keep = ("model", "checkpoint", "checkpoint_sha256", "dataset", "dataset_sha256", "defense", "activation", "version",
                 "warnings")
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), **{k: self.info.get(k) for k in keep},
                 **self.result.summary()}
