@@ -77,8 +77,8 @@ class RunRecord:
     info: Dict[str, Any]
 
     def summary(self) -> Dict[str, Any]:
-        keep = ("model", "checkpoint", "checkpoint_sha256", "dataset", "dataset_sha256", "defense", "activation", "version",
-                "warnings")
+        keep = ("model", "checkpoint", "checkpoint_sha256", "dataset", "dataset_sha256", "defense", "activation",
+                "version", "warnings")
         return {"run_id": self.run_id, "run_dir": str(self.run_dir), **{k: self.info.get(k) for k in keep},
                 **self.result.summary()}
 
