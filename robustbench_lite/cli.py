@@ -68,9 +68,12 @@ def interrupted(exc: KeyboardInterrupt, argv: List[str]) -> "typer.Exit":
 
     term = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
     what = "terminated (SIGTERM)" if term else "interrupted"
-    if isinstance(exc, RunInterrupted):
-        return fail(f"{what}; {exc.kept()}: resume with `{_resume_command(argv, exc.run_id)}`", 143 if term else 130)
-    return fail(what, 143 if term else 130)
+    code = 143 if term else 130
+    if isinstance(exc, RunInterrupted) and argv[:1] in (["attack"], ["run"]):
+        return fail(f"{what}; {exc.kept()}: resume with `{_resume_command(argv, exc.run_id)}`", code)
+    if isinstance(exc, RunInterrupted):  # e.g. train-robust's final evaluation: its --resume evaluates afresh
+        return fail(f"{what}; the evaluation (run {exc.run_id}) was not finished", code)
+    return fail(what, code)
 
 
 class AdvbenchGroup(typer.core.TyperGroup):
@@ -415,9 +418,8 @@ def run_cmd(
 ):
     """Run a benchmark suite (YAML); every model's results go to the same leaderboard."""
     import json
-    from functools import partial
 
-    from .runs import RunFolder, SuiteProgress
+    from .runs import latest_suite_run, suite_key
     from .suite import execute_run, load_suite
 
     from .runtime import env_rank
@@ -437,19 +439,18 @@ def run_cmd(
         if json_out:
             _print_json({"suite": s.name, "runs": len(runs), "dry_run": True})
         return
-    state = SuiteProgress.open(runs[0].results_dir, s.path)
+    key = suite_key(s.path)
     summaries = []
     for i, r in enumerate(runs):
-        previous = state.run_of(i) if resume else None
-        if previous and (Path(r.results_dir) / "runs" / previous).is_dir():
-            folder = RunFolder.find(r.results_dir, previous)
-            if folder.is_complete():
-                out.print(f"model {i + 1} of {len(runs)}: run {previous} is complete (skipped)", markup=False,
-                          highlight=False)
-                summaries.append(json.loads((folder.path / "summary.json").read_text(encoding="utf-8")))
-                continue
-            r.resume = previous
-        record = execute_run(r, console=out, progress_console=err_console, on_start=partial(state.assign, i))
+        r.suite_entry = f"{key}:{i}"  # stored in the run's config.yaml: how --resume finds it
+        previous = latest_suite_run(r.results_dir, r.suite_entry) if resume else None
+        if previous is not None and previous.is_complete():
+            out.print(f"model {i + 1} of {len(runs)}: run {previous.run_id} is complete (skipped)", markup=False,
+                      highlight=False)
+            summaries.append(json.loads((previous.path / "summary.json").read_text(encoding="utf-8")))
+            continue
+        r.resume = previous.run_id if previous is not None else None
+        record = execute_run(r, console=out, progress_console=err_console)
         if not record.run_id:  # a DDP rank other than 0: rank 0 reports
             continue
         summaries.append(record.summary())

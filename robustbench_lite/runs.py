@@ -13,22 +13,22 @@ folder is unfinished and can be resumed (`advbench attack ... --resume RUN_ID`):
 configuration must match the command's (RESUME_KEYS), the saved batches are loaded, the others
 attacked, and the run is recorded as an uninterrupted one would be.
 
-Suites (`advbench run SUITE --resume`): ``<results>/suites/<key>.json`` maps each model of the
-suite (by position) to its latest run, keyed by the suite file's resolved path and content hash,
-so an edited suite starts afresh.
+Suites (`advbench run SUITE --resume`): each run of a suite stores ``suite_entry`` in its
+config.yaml: the suite file's identity (resolved path and content hash, so an edited suite starts
+afresh) and the model's position; the newest run with that entry is the model's run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from .errors import AdvbenchError
 from .evaluator import Journal
-from .fileio import atomic_write_text, ensure_dir, locked
+from .fileio import atomic_write_text
 
 STATE_NAME = "state.json"
 CONFIG_NAME = "config.yaml"
@@ -192,38 +192,25 @@ class RunFolder:
 
 
 # --- suites ----------------------------------------------------------------------------------------
-@dataclass
-class SuiteProgress:
-    """Which run holds each model of a suite (by position): ``<results>/suites/<key>.json``."""
+def suite_key(suite_path) -> str:
+    """A suite file's identity: its resolved path and content (an edited suite starts afresh)."""
+    p = Path(suite_path).resolve()
+    try:
+        content = p.read_bytes()
+    except OSError as exc:
+        raise AdvbenchError(f"cannot read suite {p}: {exc.strerror or exc}") from None
+    return hashlib.sha256(str(p).encode() + b"\0" + content).hexdigest()[:16]
 
-    path: Path
-    suite: str
-    runs: Dict[str, str] = field(default_factory=dict)
 
-    @classmethod
-    def open(cls, results_dir, suite_path) -> "SuiteProgress":
-        p = Path(suite_path).resolve()
+def latest_suite_run(results_dir, entry: str) -> Optional[RunFolder]:
+    """The newest run folder whose config.yaml has ``suite_entry: entry`` (None if there is none)."""
+    runs = Path(results_dir) / "runs"
+    folders = sorted((p for p in runs.iterdir() if p.is_dir()), reverse=True) if runs.is_dir() else []  # ids sort by time
+    for p in folders:
+        folder = RunFolder(Path(results_dir), p.name, p)
         try:
-            content = p.read_bytes()
-        except OSError as exc:
-            raise AdvbenchError(f"cannot read suite {p}: {exc.strerror or exc}") from None
-        key = hashlib.sha256(str(p).encode() + b"\0" + content).hexdigest()[:16]
-        path = Path(results_dir) / "suites" / f"{p.stem}-{key}.json"
-        runs: Dict[str, str] = {}
-        if path.is_file():
-            try:
-                runs = dict(json.loads(path.read_text(encoding="utf-8")).get("runs", {}))
-            except (OSError, ValueError, AttributeError) as exc:
-                raise AdvbenchError(f"{path} is corrupt ({type(exc).__name__}); delete it to start the suite "
-                                    f"afresh") from None
-        return cls(path, str(p), runs)
-
-    def run_of(self, index: int) -> Optional[str]:
-        return self.runs.get(str(index))
-
-    def assign(self, index: int, run_id: str) -> None:
-        """Model ``index`` is now evaluated by run ``run_id`` (written at once, atomically)."""
-        ensure_dir(self.path.parent)
-        with locked(self.path):
-            self.runs[str(index)] = run_id
-            atomic_write_text(self.path, json.dumps({"suite": self.suite, "runs": self.runs}, indent=2) + "\n")
+            if (p / CONFIG_NAME).is_file() and folder.stored_config().get("suite_entry") == entry:
+                return folder
+        except AdvbenchError:
+            continue  # not a run folder of ours
+    return None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from typing import Optional
 
 import torch
@@ -120,15 +121,17 @@ def progress_interval() -> float:
 
 class PlainProgress:
     """Progress as plain lines for a log file, CI or a cluster job (stderr is not a terminal):
-    ``pgd linf eps=0.3: 512/1000 samples, 41 s, ETA 39 s``, one line per task every ``interval``
-    seconds and one when it ends, written straight to the stream (no rich wrapping) and flushed.
-    The same calls as rich's Progress (add_task, update, remove_task, a context manager)."""
+    ``pgd linf eps=0.3: 512/1000 samples, 41 s, ETA 39 s``, a line per task every ``interval``
+    seconds and a last one at its end (tasks shorter than the interval stay silent), written
+    straight to the stream (no rich wrapping) and flushed. The same calls as rich's Progress
+    (add_task, update, remove_task, a context manager); ``clock`` is time.monotonic."""
 
-    def __init__(self, fields=(), stream=None, interval: float = PROGRESS_INTERVAL, unit: str = ""):
+    def __init__(self, fields=(), stream=None, interval: float = PROGRESS_INTERVAL, unit: str = "", clock=None):
         self.fields = tuple(fields)
         self.stream = stream
         self.interval = interval
         self.unit = unit
+        self.clock = clock or time.monotonic
         self.tasks = {}
 
     def __enter__(self) -> "PlainProgress":
@@ -141,57 +144,60 @@ class PlainProgress:
         from rich.text import Text
 
         task_id = len(self.tasks)
-        self.tasks[task_id] = _PlainTask(Text.from_markup(description).plain, float(total), fields)
+        self.tasks[task_id] = _PlainTask(Text.from_markup(description).plain, float(total), fields, self.clock())
         return task_id
 
     def update(self, task_id: int, completed: Optional[float] = None, **fields) -> None:
-        import time
-
         task = self.tasks[task_id]
         if completed is not None:
             task.completed = float(completed)
         task.fields.update(fields)
-        now = time.monotonic()
-        if task.completed >= task.total and not task.ended:
-            task.ended = True
-            self._print(task, now)
-        elif now - task.printed >= self.interval and not task.ended:
-            self._print(task, now)
+        if not task.ended:
+            task.ended = task.completed >= task.total
+            self._maybe_print(task)
 
     def remove_task(self, task_id: int) -> None:
-        import time
-
         task = self.tasks.pop(task_id)
         if not task.ended:
-            self._print(task, time.monotonic())
+            task.ended = True
+            self._maybe_print(task)
 
-    def _print(self, task: "_PlainTask", now: float) -> None:
+    def _maybe_print(self, task: "_PlainTask") -> None:
+        now = self.clock()
+        if task.ended:  # the last line, unless the whole task was shorter than the interval
+            due = now - task.started >= self.interval
+        else:
+            due = now - task.printed >= self.interval
+        if due:
+            task.printed = now
+            self._write(task.line(now, self.fields, self.unit))
+
+    def _write(self, line: str) -> None:
         import sys
 
-        task.printed = now
-        elapsed = now - task.started
-        done = f"{task.completed:.0f}/{task.total:.0f}" + (f" {self.unit}" if self.unit else "")
-        parts = [done] + [f.format(task=task) for f in self.fields] + [f"{elapsed:.0f} s"]
-        if 0 < task.completed < task.total:
-            parts.append(f"ETA {elapsed / task.completed * (task.total - task.completed):.0f} s")
         stream = self.stream if self.stream is not None else sys.stderr
-        stream.write(f"{task.description}: {', '.join(parts)}\n")
+        stream.write(line + "\n")
         stream.flush()
 
 
 class _PlainTask:
     """One task of PlainProgress (``fields`` as rich's ``task.fields``)."""
 
-    def __init__(self, description: str, total: float, fields):
-        import time
-
+    def __init__(self, description: str, total: float, fields, now: float):
         self.description = description
         self.total = total
         self.fields = dict(fields)
         self.completed = 0.0
-        self.started = time.monotonic()
-        self.printed = self.started
+        self.started = self.printed = now
         self.ended = False
+
+    def line(self, now: float, fields, unit: str) -> str:
+        elapsed = now - self.started
+        parts = [f"{self.completed:.0f}/{self.total:.0f}" + (f" {unit}" if unit else "")]
+        parts += [f.format(task=self) for f in fields] + [f"{elapsed:.0f} s"]
+        if 0 < self.completed < self.total:
+            parts.append(f"ETA {elapsed / self.completed * (self.total - self.completed):.0f} s")
+        return f"{self.description}: {', '.join(parts)}"
 
 
 def progress_bar(*fields: str, console=None, quiet: bool = False, unit: str = ""):

@@ -37,7 +37,7 @@ import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import AdvbenchError
 from .evaluator import ATTACK_PARAMS, AttackSpec, EvalResult, build_attacks, evaluate, parse_attack_specs
@@ -68,6 +68,7 @@ class RunSpec:
     flags: List[str] = field(default_factory=list)
     masking_checks: bool = True             # gradient-masking checks after the evaluation (masking.py)
     resume: Optional[str] = None            # id (or unique prefix) of an unfinished run to continue (runs.py)
+    suite_entry: str = ""                   # "<suite key>:<model index>" for a suite's run (runs.py)
 
 
 @dataclass
@@ -226,13 +227,12 @@ def load_model(spec: RunSpec, console=None, quiet: bool = False):
     return model, ds, info
 
 
-def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool = False,
-                on_start: Optional[Callable[[str], None]] = None) -> RunRecord:
+def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool = False) -> RunRecord:
     """Load the model and data, evaluate, write the run folder and append to the leaderboard.
 
     The run folder is created when the evaluation starts and every finished batch is saved in it
-    (runs.py); ``spec.resume`` continues an unfinished run instead. ``on_start(run_id)`` is called
-    once the run folder exists. Ctrl-C / SIGTERM during the evaluation raise runs.RunInterrupted."""
+    (runs.py); ``spec.resume`` continues an unfinished run instead. Ctrl-C / SIGTERM during the
+    evaluation raise runs.RunInterrupted."""
     from rich.markup import escape
 
     from . import leaderboard
@@ -279,8 +279,6 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     journal = folder.journal() if folder is not None and not ctx.enabled else None  # DDP: no journal
     if folder is not None:
         config["run_id"] = info["run_id"] = folder.run_id
-        if on_start is not None:
-            on_start(folder.run_id)
     if resumed is not None and console is not None and not quiet:
         console.print(f"resuming run {folder.run_id}: {journal.count()} finished batches saved", markup=False,
                       highlight=False)
@@ -343,10 +341,10 @@ class AttackBars:
         self.tasks: Dict[Any, Any] = {}
 
     def __call__(self, threat: ThreatModel, label: str, done: float, total: int) -> None:
-        from rich.markup import escape
-
         key = (threat, label)
         if key not in self.tasks:
+            from rich.markup import escape
+
             self.tasks[key] = self.progress.add_task(escape(f"{label} {threat}"), total=max(total, 1))
         self.progress.update(self.tasks[key], completed=done if total else 1)
 
@@ -373,6 +371,7 @@ def _run_config(spec: RunSpec, info: Dict[str, Any], n_total: int, device, ctx) 
         "threats": [{"norm": t.norm, "eps": t.eps, "eps_label": format_eps(t.eps)} for t in spec.threats],
         "attacks": [{"label": a.label, "name": a.name, "params": dict(a.params),
                      "resolved": resolved[(spec.threats[0], a.label)].config()} for a in spec.attacks],
+        **({"suite_entry": spec.suite_entry} if spec.suite_entry else {}),
     }
 
 
