@@ -281,6 +281,9 @@ class APGDT(APGD):
     defaults = {**APGD.defaults, "loss": "dlr-targeted"}
     extra_defaults = {**APGD.extra_defaults, "n_target_classes": 9}
 
+    def planned_forwards(self) -> int:
+        return 1 + self.extra["n_target_classes"] * super().planned_forwards()  # a clean pass, then per target
+
     def _attack(self, model, x, y, target, ids) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.clone()

@@ -46,7 +46,7 @@ import contextlib
 import difflib
 import math
 import numbers
-from typing import Any, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -154,6 +154,9 @@ class Attack:
 
     name = "attack"
     defaults: Dict[str, Any] = {}
+    # optional progress hook, called after every forward pass with the fraction (0..1) of this
+    # call's planned passes done (planned_forwards); plain Python, no device sync
+    on_step: Optional[Callable[[float], None]] = None
 
     def __init__(
         self,
@@ -251,6 +254,11 @@ class Attack:
         self.amp: Optional[str] = cfg["amp"]
         self.last_stats: Dict[str, int] = {}
 
+    def planned_forwards(self) -> int:
+        """Forward passes of one call when no sample is fooled early (the progress hook's 100%):
+        per restart ``steps`` with a gradient and a final one without."""
+        return (self.restarts if self.random_start else 1) * (self.steps + 1)
+
     def default_alpha(self, eps: float, steps: int) -> float:
         """Step size when none is given. The engine's default is PGD's 2.5 * eps / steps
         (Madry et al. 2018), which lets a walk from any start reach the ball's far side."""
@@ -316,6 +324,8 @@ class Attack:
         """Logits in float32 (the hook for bf16 autocast: forward in bf16, loss in float32)."""
         self._stats["forward"] += 1
         self._stats["forward_samples"] += inp.shape[0]
+        if self.on_step is not None:
+            self.on_step(min(1.0, self._stats["forward"] / self.planned_forwards()))
         if self.amp == "bf16":
             with torch.autocast(device_type=inp.device.type, dtype=torch.bfloat16):
                 out = model(inp)

@@ -37,16 +37,66 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
     return typer.Exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster job preempted, `kill`): raised by the CLI's handler so that a run stops
+    like on Ctrl-C, saying what it kept; exit code 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _resume_command(argv: List[str], run_id: str) -> str:
+    """The command line that continues an interrupted run: `attack ... --resume RUN_ID`, `run ... --resume`."""
+    import shlex
+
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = bool(argv) and argv[0] != "run"  # attack's --resume takes a value
+        elif not a.startswith("--resume="):
+            args.append(a)
+    args += ["--resume"] if args and args[0] == "run" else ["--resume", run_id]
+    return shlex.join(["advbench", *args])
+
+
+def interrupted(exc: KeyboardInterrupt, argv: List[str]) -> "typer.Exit":
+    """One stderr line for Ctrl-C (exit 130) or SIGTERM (143), saying what an interrupted run kept."""
+    from .runs import RunInterrupted
+
+    term = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
+    what = "terminated (SIGTERM)" if term else "interrupted"
+    code = 143 if term else 130
+    if isinstance(exc, RunInterrupted) and argv[:1] in (["attack"], ["run"]):
+        return fail(f"{what}; {exc.kept()}: resume with `{_resume_command(argv, exc.run_id)}`", code)
+    if isinstance(exc, RunInterrupted):  # e.g. train-robust's final evaluation: its --resume evaluates afresh
+        return fail(f"{what}; the evaluation (run {exc.run_id}) was not finished", code)
+    return fail(what, code)
+
+
 class AdvbenchGroup(typer.core.TyperGroup):
-    """Turns AdvbenchError and click usage errors into one stderr line and exit code 2."""
+    """Turns AdvbenchError and click usage errors into one stderr line and exit code 2, and Ctrl-C /
+    SIGTERM into one line saying what was kept (exit 130 / 143)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except AdvbenchError as exc:
             raise fail(str(exc)) from None
+        except KeyboardInterrupt as exc:  # typer would turn it into a silent exit 130
+            raise interrupted(exc, (ctx.obj or {}).get("argv", [])) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        import signal
+
+        args = list(sys.argv[1:] if args is None else args)
+        extra.setdefault("obj", {"argv": args})
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = None
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)
@@ -60,9 +110,11 @@ class AdvbenchGroup(typer.core.TyperGroup):
         except typer.Abort:
             typer.echo("error: aborted", err=True)
             rv = 130
-        except KeyboardInterrupt:
-            typer.echo("error: interrupted", err=True)
-            rv = 130
+        except KeyboardInterrupt as exc:
+            rv = interrupted(exc, args).exit_code
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -299,6 +351,9 @@ def attack_cmd(
                                         help="Gradient-masking sanity checks after the evaluation (a quick extra "
                                              "PGD/FGSM on <= 100 samples); warnings go to the terminal, "
                                              "summary.json and the leaderboard's flags."),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN_ID",
+                                         help="Continue an interrupted run (its id, or a unique prefix) with the "
+                                              "same options: its finished batches are kept, the rest is attacked."),
 ):
     """Accuracy under FGSM / BIM / PGD: clean, per attack, worst case; recorded in the leaderboard."""
     from .evaluator import resolve_threats
@@ -320,7 +375,7 @@ def attack_cmd(
                    n_examples=n_examples, batch_size=batch_size, device=device, seed=seed, results_dir=results_dir,
                    data_dir=data_dir, download=download, amp=check_amp(amp), channels_last=channels_last,
                    compile=compile, flags=[f"attack-suite={suite.strip().lower()}"] if suite else [],
-                   masking_checks=masking_checks)
+                   masking_checks=masking_checks, resume=resume)
     out = err_console if json_out else console
     record = execute_run(spec, console=out, progress_console=err_console)
     if not record.run_id:  # a DDP rank other than 0: rank 0 reports
@@ -369,8 +424,13 @@ def run_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="Overrides the suite's device."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the suite and list its runs; run nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary (only) on stdout."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted `run` of this suite: models whose "
+                                                       "run is complete are skipped, an unfinished run resumes."),
 ):
     """Run a benchmark suite (YAML); every model's results go to the same leaderboard."""
+    import json
+
+    from .runs import latest_suite_run, suite_key
     from .suite import execute_run, load_suite
 
     from .runtime import env_rank
@@ -390,16 +450,25 @@ def run_cmd(
         if json_out:
             _print_json({"suite": s.name, "runs": len(runs), "dry_run": True})
         return
-    records = []
-    for r in runs:
+    key = suite_key(s.path)
+    summaries = []
+    for i, r in enumerate(runs):
+        r.suite_entry = f"{key}:{i}"  # stored in the run's config.yaml: how --resume finds it
+        previous = latest_suite_run(r.results_dir, r.suite_entry) if resume else None
+        if previous is not None and previous.is_complete():
+            out.print(f"model {i + 1} of {len(runs)}: run {previous.run_id} is complete (skipped)", markup=False,
+                      highlight=False)
+            summaries.append(json.loads((previous.path / "summary.json").read_text(encoding="utf-8")))
+            continue
+        r.resume = previous.run_id if previous is not None else None
         record = execute_run(r, console=out, progress_console=err_console)
         if not record.run_id:  # a DDP rank other than 0: rank 0 reports
             continue
-        records.append(record)
+        summaries.append(record.summary())
         if not json_out:
             _report_run(record, out)
     if json_out:
-        _print_json({"suite": s.name, "runs": [rec.summary() for rec in records]})
+        _print_json({"suite": s.name, "runs": summaries})
 
 
 @app.command("report")

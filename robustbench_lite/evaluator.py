@@ -25,12 +25,18 @@ result is recorded). A model whose outputs are NaN or infinite is an AdvbenchErr
 Attacks are called with ``sample_ids`` (dataset indices), so results do not depend on batching or
 on how the data is sharded: each DDP rank can evaluate its shard, and ``EvalResult.merge`` (per
 sample data, concatenated) or ``EvalResult.counts`` (plain sums) combine the shards.
+
+Interrupted evaluations: with a ``Journal`` every finished (threat, attack, batch) is saved as it
+finishes, one small file each, and an evaluation given the same journal (same data, batch size and
+attacks) loads those batches instead of attacking them again: the result is the uninterrupted one.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -359,6 +365,81 @@ class EvalResult:
                    parts[0].seed, parts[0].device)
 
 
+# --- the journal of an evaluation ---------------------------------------------------------------
+@dataclass
+class BatchResult:
+    """One attacked batch: per-sample results (CPU tensors aligned with ``sample_ids``), the attack
+    time and the attack's counters."""
+
+    sample_ids: torch.Tensor
+    adv_pred: torch.Tensor
+    fooled: torch.Tensor
+    dist: torch.Tensor
+    seconds: float
+    stats: Dict[str, int] = field(default_factory=dict)
+
+
+class Journal:
+    """The finished (threat, attack, batch) results of an evaluation, one file per batch in
+    ``folder``, each written atomically (a kill at any point leaves whole files only) and read back
+    with torch.load(weights_only=True). A batch is named by its threat model, attack label and
+    first position in the list of attacked samples; ``total`` is the number of batches of the whole
+    evaluation once evaluate() knows it."""
+
+    SUFFIX = ".pt"
+
+    def __init__(self, folder: Union[str, Path]):
+        self.folder = Path(folder)
+        self.total: Optional[int] = None
+
+    def path(self, threat: ThreatModel, label: str, start: int) -> Path:
+        key = hashlib.sha256(f"{threat.norm}:{threat.eps!r}:{label}".encode()).hexdigest()[:12]
+        return self.folder / f"{threat.norm}-{format_eps(threat.eps).replace('/', '_')}-{key}-{start:08d}{self.SUFFIX}"
+
+    def done(self, threat: ThreatModel, label: str, start: int) -> bool:
+        return self.path(threat, label, start).is_file()
+
+    def record(self, threat: ThreatModel, label: str, start: int, batch: BatchResult) -> None:
+        from .fileio import atomic_write
+
+        payload = {"sample_ids": batch.sample_ids, "adv_pred": batch.adv_pred, "fooled": batch.fooled,
+                   "dist": batch.dist, "seconds": float(batch.seconds), "stats": dict(batch.stats)}
+        try:
+            atomic_write(self.path(threat, label, start), lambda f: torch.save(payload, f))
+        except OSError as exc:
+            raise AdvbenchError(f"cannot save a finished batch in {self.folder}: {exc.strerror or exc}") from None
+
+    def load(self, threat: ThreatModel, label: str, start: int) -> BatchResult:
+        path = self.path(threat, label, start)
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            return BatchResult(d["sample_ids"], d["adv_pred"], d["fooled"], d["dist"], float(d["seconds"]),
+                               {str(k): int(v) for k, v in d["stats"].items()})
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem
+            raise AdvbenchError(f"saved batch {path} is unreadable ({type(exc).__name__}); delete it to attack "
+                                f"that batch again") from None
+
+    def count(self) -> int:
+        """Batches saved so far."""
+        return len(list(self.folder.glob(f"*{self.SUFFIX}"))) if self.folder.is_dir() else 0
+
+
+@dataclass
+class _BatchProgress:
+    """The attack's per-step hook during one batch: reports the samples done before the batch plus
+    the batch's fraction done, so that bars move per step rather than per batch."""
+
+    report: ProgressFn
+    threat: ThreatModel
+    label: str
+    before: int
+    size: int
+    total: int
+
+    def __call__(self, fraction: float) -> None:
+        self.report(self.threat, self.label, self.before + self.size * fraction, self.total)
+
+
 # --- evaluation ------------------------------------------------------------------------------
 def _model_device(model) -> torch.device:
     for p in model.parameters():
@@ -411,7 +492,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
              eps: Union[str, float, Sequence[Union[str, float]], None] = None, norm: str = "linf",
              batch_size: int = 256, device: Union[str, torch.device, None] = None, seed: int = 0,
              sample_ids: Optional[torch.Tensor] = None,
-             on_progress: Optional[ProgressFn] = None) -> EvalResult:
+             on_progress: Optional[ProgressFn] = None, journal: Optional[Journal] = None) -> EvalResult:
     """Evaluate ``model`` on (x, y) under every attack and threat model; see the module docstring.
 
     ``attacks``: names / specs (see parse_attack_specs). ``threats``: a ThreatModel or a list, or
@@ -419,7 +500,9 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
     attacks' randomness. The default 0..N-1 restarts at 0 on every call: when you evaluate a dataset
     in pieces, pass the dataset indices, or every piece gets the same random starts. ``device``:
     where to run (default: the model's).
-    ``on_progress(threat, label, done, total)`` is called after every attacked batch."""
+    ``on_progress(threat, label, done, total)`` is called as the attacks advance (``done`` in
+    samples, fractional within a batch). ``journal``: save each finished batch there, and load
+    the batches it already holds instead of attacking them (None: everything in memory)."""
     from attacks import attack_mode
 
     from .runtime import check_positive, resolve_device
@@ -448,6 +531,8 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
     correct = clean_pred == y
     todo = correct.nonzero().reshape(-1)
     n_todo = int(todo.numel())
+    if journal is not None:
+        journal.total = len(threat_list) * len(specs) * math.ceil(n_todo / batch_size)
 
     threat_results: List[ThreatResult] = []
     for threat in threat_list:
@@ -463,29 +548,56 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
                 on_progress(threat, spec.label, 0, n_todo)
             for start in range(0, n_todo, batch_size):
                 sel = todo[start:start + batch_size]
-                xb, yb, ib = x[sel], y[sel], ids[sel]
-                _sync(dev)
-                t0 = time.perf_counter()
-                xa = atk(model, xb, yb, sample_ids=ib)
-                _sync(dev)
-                seconds += time.perf_counter() - t0
-                for k, v in (getattr(atk, "last_stats", None) or {}).items():
-                    stats[k] = stats.get(k, 0) + int(v)
-                if xa.shape != xb.shape:
-                    raise AdvbenchError(f"attack {spec.label!r} returned shape {tuple(xa.shape)} for inputs "
-                                        f"{tuple(xb.shape)}; refusing to record the result")
-                _verify(threat, spec.label, xa, xb)
-                with attack_mode(model, "eval"):
-                    pb = _predict(model, xa, batch_size, f"adversarial examples of {spec.label!r}")
-                adv_pred[sel] = pb
-                fooled[sel] = pb != yb
-                dist[sel] = threat.distance(xa, xb)
+                if journal is not None and journal.done(threat, spec.label, start):
+                    batch = journal.load(threat, spec.label, start)
+                    _check_saved_batch(batch, ids[sel], journal.path(threat, spec.label, start))
+                else:
+                    if on_progress is not None:
+                        atk.on_step = _BatchProgress(on_progress, threat, spec.label, start, len(sel), n_todo)
+                    batch = _attack_batch(model, atk, spec.label, threat, (x[sel], y[sel], ids[sel]), batch_size)
+                    if journal is not None:
+                        journal.record(threat, spec.label, start, batch)
+                seconds += batch.seconds
+                for k, v in batch.stats.items():
+                    stats[k] = stats.get(k, 0) + v
+                adv_pred[sel] = batch.adv_pred.to(dev)
+                fooled[sel] = batch.fooled.to(dev)
+                dist[sel] = batch.dist.to(dev)
                 if on_progress is not None:
                     on_progress(threat, spec.label, min(start + batch_size, n_todo), n_todo)
+            atk.on_step = None
             per_attack[spec.label] = AttackResult(spec.label, spec.name, atk.config(), adv_pred.cpu(),
                                                   fooled.cpu(), dist.cpu(), seconds, stats)
         threat_results.append(ThreatResult(threat, per_attack, correct.cpu()))
     return EvalResult(ids.cpu(), y.cpu(), clean_pred.cpu(), threat_results, seed, str(dev))
+
+
+def _attack_batch(model, atk, label: str, threat: ThreatModel, batch, predict_batch_size: int) -> BatchResult:
+    """Attack one batch ``(x, y, sample ids)``, check the adversarial examples against the threat
+    model and predict them."""
+    from attacks import attack_mode
+
+    xb, yb, ib = batch
+    _sync(xb.device)
+    t0 = time.perf_counter()
+    xa = atk(model, xb, yb, sample_ids=ib)
+    _sync(xb.device)
+    seconds = time.perf_counter() - t0
+    stats = {k: int(v) for k, v in (getattr(atk, "last_stats", None) or {}).items()}
+    if xa.shape != xb.shape:
+        raise AdvbenchError(f"attack {label!r} returned shape {tuple(xa.shape)} for inputs "
+                            f"{tuple(xb.shape)}; refusing to record the result")
+    _verify(threat, label, xa, xb)
+    with attack_mode(model, "eval"):
+        pred = _predict(model, xa, predict_batch_size, f"adversarial examples of {label!r}")
+    return BatchResult(ib.cpu(), pred.cpu(), (pred != yb).cpu(), threat.distance(xa, xb).float().cpu(), seconds, stats)
+
+
+def _check_saved_batch(batch: BatchResult, ids: torch.Tensor, path: Path) -> None:
+    """A saved batch must hold exactly the samples this evaluation would attack in it."""
+    if not torch.equal(batch.sample_ids.cpu(), ids.cpu()):
+        raise AdvbenchError(f"saved batch {path} holds other samples than this evaluation attacks there (the "
+                            f"model's clean predictions or the data changed); it cannot be resumed")
 
 
 def _verify(threat: ThreatModel, label: str, x_adv: torch.Tensor, x: torch.Tensor) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from typing import Optional
 
 import torch
@@ -100,14 +101,117 @@ def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
-def progress_bar(*fields: str, console=None, quiet: bool = False):
+PROGRESS_INTERVAL = 10.0  # seconds between plain progress lines off a terminal
+PROGRESS_INTERVAL_ENV = "ADVBENCH_PROGRESS_INTERVAL"  # overrides it (tests: 0 = a line per update)
+
+
+def progress_interval() -> float:
+    """PROGRESS_INTERVAL, or $ADVBENCH_PROGRESS_INTERVAL (seconds >= 0) when set."""
+    raw = os.environ.get(PROGRESS_INTERVAL_ENV, "").strip()
+    if not raw:
+        return PROGRESS_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise AdvbenchError(f"{PROGRESS_INTERVAL_ENV} must be a number of seconds >= 0 (got {raw!r})")
+    return value
+
+
+class PlainProgress:
+    """Progress as plain lines for a log file, CI or a cluster job (stderr is not a terminal):
+    ``pgd linf eps=0.3: 512/1000 samples, 41 s, ETA 39 s``, a line per task every ``interval``
+    seconds and a last one at its end (tasks shorter than the interval stay silent), written
+    straight to the stream (no rich wrapping) and flushed. The same calls as rich's Progress
+    (add_task, update, remove_task, a context manager); ``clock`` is time.monotonic."""
+
+    def __init__(self, fields=(), stream=None, interval: float = PROGRESS_INTERVAL, unit: str = "", clock=None):
+        self.fields = tuple(fields)
+        self.stream = stream
+        self.interval = interval
+        self.unit = unit
+        self.clock = clock or time.monotonic
+        self.tasks = {}
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float = 100.0, **fields) -> int:
+        from rich.text import Text
+
+        task_id = len(self.tasks)
+        self.tasks[task_id] = _PlainTask(Text.from_markup(description).plain, float(total), fields, self.clock())
+        return task_id
+
+    def update(self, task_id: int, completed: Optional[float] = None, **fields) -> None:
+        task = self.tasks[task_id]
+        if completed is not None:
+            task.completed = float(completed)
+        task.fields.update(fields)
+        if not task.ended:
+            task.ended = task.completed >= task.total
+            self._maybe_print(task)
+
+    def remove_task(self, task_id: int) -> None:
+        task = self.tasks.pop(task_id)
+        if not task.ended:
+            task.ended = True
+            self._maybe_print(task)
+
+    def _maybe_print(self, task: "_PlainTask") -> None:
+        now = self.clock()
+        if task.ended:  # the last line, unless the whole task was shorter than the interval
+            due = now - task.started >= self.interval
+        else:
+            due = now - task.printed >= self.interval
+        if due:
+            task.printed = now
+            self._write(task.line(now, self.fields, self.unit))
+
+    def _write(self, line: str) -> None:
+        import sys
+
+        stream = self.stream if self.stream is not None else sys.stderr
+        stream.write(line + "\n")
+        stream.flush()
+
+
+class _PlainTask:
+    """One task of PlainProgress (``fields`` as rich's ``task.fields``)."""
+
+    def __init__(self, description: str, total: float, fields, now: float):
+        self.description = description
+        self.total = total
+        self.fields = dict(fields)
+        self.completed = 0.0
+        self.started = self.printed = now
+        self.ended = False
+
+    def line(self, now: float, fields, unit: str) -> str:
+        elapsed = now - self.started
+        parts = [f"{self.completed:.0f}/{self.total:.0f}" + (f" {unit}" if unit else "")]
+        parts += [f.format(task=self) for f in fields] + [f"{elapsed:.0f} s"]
+        if 0 < self.completed < self.total:
+            parts.append(f"ETA {elapsed / self.completed * (self.total - self.completed):.0f} s")
+        return f"{self.description}: {', '.join(parts)}"
+
+
+def progress_bar(*fields: str, console=None, quiet: bool = False, unit: str = ""):
     """The one progress display: description, bar, done/total, extra ``fields`` (rich format
-    strings over task fields), elapsed time; on stderr, transient, and off when quiet or when
-    stderr is not a terminal (a finished live display would still leave an empty line in logs)."""
+    strings over task fields), elapsed time and ETA; on stderr, transient; off when quiet. When
+    stderr is not a terminal (a log file, CI, a cluster job) it is PlainProgress instead: a plain
+    line per task every PROGRESS_INTERVAL seconds and at the task's end."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     console = console or Console(stderr=True)
+    if not quiet and not console.is_terminal:
+        return PlainProgress(fields, stream=console.file, interval=progress_interval(), unit=unit)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    *[TextColumn(f) for f in fields], TimeElapsedColumn(),
-                    console=console, transient=True, disable=quiet or not console.is_terminal)
+                    *[TextColumn(f) for f in fields], TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=console, transient=True, disable=quiet)

@@ -67,6 +67,8 @@ class RunSpec:
     source: str = "advbench attack"         # what started the run (recorded in config.yaml)
     flags: List[str] = field(default_factory=list)
     masking_checks: bool = True             # gradient-masking checks after the evaluation (masking.py)
+    resume: Optional[str] = None            # id (or unique prefix) of an unfinished run to continue (runs.py)
+    suite_entry: str = ""                   # "<suite key>:<model index>" for a suite's run (runs.py)
 
 
 @dataclass
@@ -241,11 +243,16 @@ def load_model(spec: RunSpec, console=None, quiet: bool = False):
 
 
 def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool = False) -> RunRecord:
-    """Load the model and data, evaluate, write the run folder and append to the leaderboard."""
+    """Load the model and data, evaluate, write the run folder and append to the leaderboard.
+
+    The run folder is created when the evaluation starts and every finished batch is saved in it
+    (runs.py); ``spec.resume`` continues an unfinished run instead. Ctrl-C / SIGTERM during the
+    evaluation raise runs.RunInterrupted."""
     from rich.markup import escape
 
     from . import leaderboard
     from .fileio import ensure_dir
+    from .runs import RunFolder
     from .runtime import accelerate, progress_bar, resolve_device, to_memory_format
     from . import distributed
 
@@ -253,8 +260,14 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     ensure_dir(spec.results_dir)  # an unwritable results dir fails before any work
     leaderboard.read(spec.results_dir)  # so does a corrupt leaderboard (the append would refuse it)
     leaderboard.check_writable(spec.results_dir)  # and a leaderboard.md that is a directory
+    resumed = RunFolder.find(spec.results_dir, spec.resume) if spec.resume else None
+    if resumed is not None:
+        resumed.check_resumable()
     device = resolve_device(spec.device)
     ctx = distributed.init(device)  # under torchrun: one process per device, each attacks its shard
+    if resumed is not None and ctx.enabled:
+        raise AdvbenchError(f"--resume {spec.resume}: evaluations under torchrun are not journaled; resume run "
+                            f"{resumed.run_id} in one process")
     device = distributed.local_device(device)
     quiet = quiet or not ctx.is_main
     # a missing zoo baseline is trained by all ranks together (DDP; rank 0 writes it)
@@ -273,31 +286,49 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
         console.print(f"attacking {info['model']} ({info['checkpoint']}) on {n_total} {info['dataset']} test "
                       f"images ({dataset_reason(spec, info['dataset'])}): {', '.join(a.label for a in spec.attacks)} x "
                       f"{', '.join(str(t) for t in spec.threats)} on {where}", markup=False, highlight=False)
-    progress = progress_bar(console=progress_console, quiet=quiet)
-    tasks: Dict[Any, Any] = {}
+    config = _run_config(spec, info, n_total, device, ctx)
+    folder = None
+    if resumed is not None:
+        resumed.check_config(config)  # before any attack: the saved batches are only valid for the same run
+        folder = resumed
+        config["timestamp"] = info["timestamp"] = resumed.stored_config().get("timestamp", info["timestamp"])
+    elif ctx.is_main:
+        folder = RunFolder.create(spec.results_dir, config)
+    journal = folder.journal() if folder is not None and not ctx.enabled else None  # DDP: no journal
+    if folder is not None:
+        config["run_id"] = info["run_id"] = folder.run_id
+    if resumed is not None and console is not None and not quiet:
+        console.print(f"resuming run {folder.run_id}: {journal.count()} finished batches saved", markup=False,
+                      highlight=False)
 
-    def on_progress(threat, label, done, total):
-        key = (threat, label)
-        if key not in tasks:
-            tasks[key] = progress.add_task(escape(f"{label} {threat}"), total=max(total, 1))
-        progress.update(tasks[key], completed=done if total else 1)
+    bars = AttackBars(progress_bar(console=progress_console, quiet=quiet, unit="samples"))
+    try:
+        with bars.progress:
+            result = evaluate(model, x, y, spec.attacks, spec.threats, batch_size=spec.batch_size, device=device,
+                              seed=spec.seed, sample_ids=ids, on_progress=bars, journal=journal)
+        if ctx.enabled:  # per-sample outcomes are keyed by sample id, so the merge equals a single-process run
+            result = EvalResult.merge(distributed.all_gather_objects(result))
+        if not ctx.is_main:
+            return RunRecord("", Path(spec.results_dir), result, info)  # only rank 0 writes
+        masking_warnings = []
+        if spec.masking_checks:
+            from . import masking
 
-    started = time.time()
-    with progress:
-        result = evaluate(model, x, y, spec.attacks, spec.threats, batch_size=spec.batch_size, device=device,
-                          seed=spec.seed, sample_ids=ids, on_progress=on_progress)
-    if ctx.enabled:  # per-sample outcomes are keyed by sample id, so the merge equals a single-process run
-        result = EvalResult.merge(distributed.all_gather_objects(result))
-    if not ctx.is_main:
-        return RunRecord("", Path(spec.results_dir), result, info)  # only rank 0 writes
-    masking_warnings = []
-    if spec.masking_checks:
-        from . import masking
+            masking_warnings = masking.check_run(model, x, y, ids, result, device=device, seed=spec.seed)
+            if console is not None and not quiet:
+                for w in masking_warnings:
+                    console.print(f"[yellow]warning: {escape(w.message)}[/yellow]", highlight=False)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (the CLI's handler raises a KeyboardInterrupt)
+        if folder is None:
+            raise
+        from .runs import RunInterrupted
 
-        masking_warnings = masking.check_run(model, x, y, ids, result, device=device, seed=spec.seed)
-        if console is not None and not quiet:
-            for w in masking_warnings:
-                console.print(f"[yellow]warning: {escape(w.message)}[/yellow]", highlight=False)
+        raise RunInterrupted(folder.run_id, journal.count() if journal else 0,
+                             journal.total if journal else None) from exc
+    except AdvbenchError:
+        if folder is not None and resumed is None:
+            folder.discard()  # a fresh run that failed leaves nothing behind
+        raise
     budget_warnings = [w for w in (t.atypical(x.shape[1:], info["dataset"]) for t in spec.threats) if w]
     if budget_warnings and not quiet:
         from rich.console import Console
@@ -305,26 +336,11 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
         warn_out = progress_console or Console(stderr=True)  # stderr: the run's output stays a table or JSON
         for w in budget_warnings:
             warn_out.print(f"warning: {w}", markup=False, highlight=False, soft_wrap=True)
-    if ctx.enabled:
-        info["flags"].append(f"ddp={ctx.world_size}")
-    amps = sorted({str(a.params.get("amp")) for a in spec.attacks if a.params.get("amp")})
-    fast = (["channels_last"] if spec.channels_last else []) + (["compile"] if spec.compile else [])
-    flags = info.pop("flags") + list(spec.flags) + [f"amp={a}" for a in amps] + fast + leaderboard.environment_flags()
-    flags += sorted({w.flag for w in masking_warnings}) + (["atypical-eps"] if budget_warnings else [])
-    run_id, run_dir = leaderboard.create_run_dir(spec.results_dir)
-    info.update(run_id=run_id, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-                device=str(device), seed=spec.seed, version=leaderboard.version(), flags=";".join(flags))
-    config = {
-        "run_id": run_id, "source": spec.source, "timestamp": info["timestamp"], "version": info["version"],
-        "model": info["model"], "checkpoint": info["checkpoint"], "checkpoint_sha256": info["checkpoint_sha256"],
-        "dataset": info["dataset"], "split": "test", "n_examples": len(y), "seed": spec.seed,
-        "dataset_sha256": info["dataset_sha256"],
-        "batch_size": spec.batch_size, "device": str(device), "defense": info["defense"],
-        "activation": info["activation"], "flags": flags,
-        "threats": [{"norm": t.norm, "eps": t.eps, "eps_label": format_eps(t.eps)} for t in spec.threats],
-        "attacks": [{"label": a.label, "name": a.name, "params": dict(a.params),
-                     "resolved": result.threats[0].attacks[a.label].config} for a in spec.attacks],
-    }
+    flags = config["flags"] + sorted({w.flag for w in masking_warnings})
+    flags += ["atypical-eps"] if budget_warnings else []
+    config["flags"] = flags
+    info["flags"] = ";".join(flags)
+    run_id, run_dir = folder.run_id, folder.path
     info["warnings"] = [w.message for w in masking_warnings]
     record = RunRecord(run_id, run_dir, result, info)
     summary = record.summary()
@@ -334,12 +350,54 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     try:
         leaderboard.write_run_files(run_dir, config, summary, result.outcome_rows())
         leaderboard.append(spec.results_dir, leaderboard.result_rows(result, info))
-    except AdvbenchError:  # not recorded: leave no run folder that the leaderboard does not know
-        import shutil
-
-        shutil.rmtree(run_dir, ignore_errors=True)
+    except AdvbenchError:  # not recorded: a fresh run leaves no folder; a resumed one keeps its saved batches
+        if resumed is None:
+            folder.discard()
         raise
+    folder.finish()
     return record
+
+
+class AttackBars:
+    """evaluate()'s ``on_progress``: one bar (or plain line) per (threat, attack), moved per step."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.tasks: Dict[Any, Any] = {}
+
+    def __call__(self, threat: ThreatModel, label: str, done: float, total: int) -> None:
+        key = (threat, label)
+        if key not in self.tasks:
+            from rich.markup import escape
+
+            self.tasks[key] = self.progress.add_task(escape(f"{label} {threat}"), total=max(total, 1))
+        self.progress.update(self.tasks[key], completed=done if total else 1)
+
+
+def _run_config(spec: RunSpec, info: Dict[str, Any], n_total: int, device, ctx) -> Dict[str, Any]:
+    """The run's config.yaml (written when the evaluation starts; the run id is filled in then).
+    Sets info's timestamp, device, seed and version; moves info's flags into the config's."""
+    from . import leaderboard
+
+    if ctx.enabled:
+        info["flags"].append(f"ddp={ctx.world_size}")
+    amps = sorted({str(a.params.get("amp")) for a in spec.attacks if a.params.get("amp")})
+    fast = (["channels_last"] if spec.channels_last else []) + (["compile"] if spec.compile else [])
+    flags = info.pop("flags") + list(spec.flags) + [f"amp={a}" for a in amps] + fast + leaderboard.environment_flags()
+    info.update(timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device), seed=spec.seed,
+                version=leaderboard.version(), flags=";".join(flags))
+    resolved = build_attacks(spec.attacks, spec.threats[:1], spec.seed)
+    return {
+        "run_id": "", "source": spec.source, "timestamp": info["timestamp"], "version": info["version"],
+        "model": info["model"], "checkpoint": info["checkpoint"], "checkpoint_sha256": info["checkpoint_sha256"],
+        "dataset": info["dataset"], "dataset_sha256": info["dataset_sha256"], "split": "test",
+        "n_examples": n_total, "seed": spec.seed, "batch_size": spec.batch_size, "device": str(device), "defense": info["defense"],
+        "activation": info["activation"], "flags": flags,
+        "threats": [{"norm": t.norm, "eps": t.eps, "eps_label": format_eps(t.eps)} for t in spec.threats],
+        "attacks": [{"label": a.label, "name": a.name, "params": dict(a.params),
+                     "resolved": resolved[(spec.threats[0], a.label)].config()} for a in spec.attacks],
+        **({"suite_entry": spec.suite_entry} if spec.suite_entry else {}),
+    }
 
 
 # --- terminal tables -----------------------------------------------------------------------------

@@ -447,7 +447,7 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
     net = _training_module(model, cfg, device, ctx)  # what the steps run: compiled and/or DDP-wrapped
 
     progress = progress_bar("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[ips]:.0f} img/s",
-                            quiet=quiet)
+                            quiet=quiet, unit="images")
     best_out = best_path(out) if select else None
     x_test = x_val if x_val is not None else ds.x_test
     y_test = y_val if y_val is not None else ds.y_test
