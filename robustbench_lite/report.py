@@ -377,8 +377,8 @@ def _write_report(path: Path, config: Dict[str, Any], summary: Dict[str, Any], t
              f"- model: **{config.get('model')}** ({config.get('defense') or 'standard'}, "
              f"activation {config.get('activation')}), checkpoint `{config.get('checkpoint')}` "
              f"(sha256 {config.get('checkpoint_sha256')})",
-             f"- dataset: {config.get('dataset')} test split, n={summary.get('n_examples')}, seed {config.get('seed')}, "
-             f"device {config.get('device')}, advbench {config.get('version')}",
+             f"- dataset: {config.get('dataset')} test split, n={summary.get('n_examples')}, "
+             f"seed {config.get('seed')}, device {config.get('device')}, advbench {config.get('version')}",
              f"- clean accuracy: **{_pct(summary.get('clean_acc'))}**", ""]
     warns = summary.get("warnings") or []
     if warns:

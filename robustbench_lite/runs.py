@@ -205,7 +205,8 @@ def suite_key(suite_path) -> str:
 def latest_suite_run(results_dir, entry: str) -> Optional[RunFolder]:
     """The newest run folder whose config.yaml has ``suite_entry: entry`` (None if there is none)."""
     runs = Path(results_dir) / "runs"
-    folders = sorted((p for p in runs.iterdir() if p.is_dir()), reverse=True) if runs.is_dir() else []  # ids sort by time
+    # run ids sort by time: newest first
+    folders = sorted((p for p in runs.iterdir() if p.is_dir()), reverse=True) if runs.is_dir() else []
     for p in folders:
         folder = RunFolder(Path(results_dir), p.name, p)
         try:

@@ -204,14 +204,25 @@ def activation_label(ckpt, model) -> str:
     return f"{act}-sb-{sb}" if sb else act
 
 
+def _check_data(spec: RunSpec, ds) -> None:
+    """The run's settings against its data, before a model is loaded or a baseline trained:
+    --n-examples within the test split, and no L2 eps larger than any distance between two images
+    of this size."""
+    from .data import check_n_examples
+
+    check_n_examples(spec.n_examples, len(ds.y_test), f"the test split of {ds.name}")
+    for t in spec.threats:
+        t.check_input_shape(ds.input_shape)
+
+
 def load_model(spec: RunSpec, console=None, quiet: bool = False):
     """(model, dataset, info) for a run: the checkpoint, or the zoo baseline (trained when missing).
     The dataset is loaded and checked against --n-examples (and a baseline's model against its images)
     before any baseline is trained."""
     from .checkpoint import file_sha256, model_from_checkpoint, read_checkpoint
-    from .data import check_n_examples, load_dataset
+    from .data import load_dataset
     from .runtime import resolve_device
-    from .zoo import get_or_train
+    from .zoo import get_or_train, zoo_path
 
     flags = []
     if spec.checkpoint:
@@ -219,12 +230,15 @@ def load_model(spec: RunSpec, console=None, quiet: bool = False):
         ckpt = read_checkpoint(path)
         dataset = spec.dataset or ckpt.get("dataset") or DEFAULT_DATASET
         ds = load_dataset(dataset, data_dir=spec.data_dir, download=spec.download)
-        check_n_examples(spec.n_examples, len(ds.y_test), f"the test split of {ds.name}")
+        _check_data(spec, ds)
         model, ckpt = model_from_checkpoint(path, spec.model, ds)
     else:
         dataset = spec.dataset or DEFAULT_DATASET
         ds = load_dataset(dataset, data_dir=spec.data_dir, download=spec.download)
-        check_n_examples(spec.n_examples, len(ds.y_test), f"the test split of {ds.name}")
+        _check_data(spec, ds)
+        if console is not None and not quiet and not zoo_path(spec.model, ds).is_file():
+            # the baseline is trained first: say now what it is trained and evaluated on
+            console.print(f"dataset {ds.name} ({dataset_reason(spec, ds.name)})", markup=False, highlight=False)
         dev = resolve_device(spec.device)
         model, path, _ = get_or_train(spec.model, dataset, seed=spec.seed, device=str(dev), console=console,
                                       quiet=quiet, data_dir=spec.data_dir, download=spec.download)
@@ -274,8 +288,6 @@ def execute_run(spec: RunSpec, console=None, progress_console=None, quiet: bool 
     model, ds, info = load_model(spec, console=console, quiet=quiet)
     model = accelerate(model, device, channels_last=spec.channels_last, compile=spec.compile)
     x, y, ids = ds.subset("test", spec.n_examples, spec.seed)
-    for t in spec.threats:  # an L2 eps larger than any distance between two images of this size
-        t.check_input_shape(x.shape[1:])
     x = to_memory_format(x, spec.channels_last)
     n_total = len(y)
     if ctx.enabled:
@@ -391,8 +403,8 @@ def _run_config(spec: RunSpec, info: Dict[str, Any], n_total: int, device, ctx) 
         "run_id": "", "source": spec.source, "timestamp": info["timestamp"], "version": info["version"],
         "model": info["model"], "checkpoint": info["checkpoint"], "checkpoint_sha256": info["checkpoint_sha256"],
         "dataset": info["dataset"], "dataset_sha256": info["dataset_sha256"], "split": "test",
-        "n_examples": n_total, "seed": spec.seed, "batch_size": spec.batch_size, "device": str(device), "defense": info["defense"],
-        "activation": info["activation"], "flags": flags,
+        "n_examples": n_total, "seed": spec.seed, "batch_size": spec.batch_size, "device": str(device),
+        "defense": info["defense"], "activation": info["activation"], "flags": flags,
         "threats": [{"norm": t.norm, "eps": t.eps, "eps_label": format_eps(t.eps)} for t in spec.threats],
         "attacks": [{"label": a.label, "name": a.name, "params": dict(a.params),
                      "resolved": resolved[(spec.threats[0], a.label)].config()} for a in spec.attacks],

@@ -93,6 +93,9 @@ def test_attack_without_checkpoint_trains_the_zoo_baseline_first(results, monkey
             "--results-dir", results, "--device", "cpu")
     r = run(*args)
     assert r.exit_code == 0, r.stderr
+    # the first line says what the baseline is trained and evaluated on, and why (before minutes of training)
+    assert r.stdout.splitlines()[0] == ("dataset mnist-5k (the default: no --dataset given and no checkpoint naming "
+                                        "one; see `advbench attack --help`)")
     assert "no zoo checkpoint" in r.stdout
     assert "training a standard lenet baseline on mnist-5k first (1 epochs)" in r.stdout
     assert zoo.zoo_path("lenet", "mnist-5k").is_file() and not (results / "models").exists()

@@ -542,6 +542,9 @@ CASES = [
     ("leaderboard-eps-with-underscore", L + ["--eps", "0.0_3"], f"error: invalid eps '0.0_3': {EPS_HINT}", None),
     ("train-robust-eps-underflows-to-0", TR + ["--eps", "1e-400"],
      "error: invalid eps '1e-400': too small for a float64, it would become 0", None),
+    ("attack-l2-eps-beyond-any-image-distance-before-training-a-baseline",
+     A + ["--model", "lenet", "--norm", "l2", "--eps", "29"],  # no lenet in the zoo: refused before training one
+     "error: eps 29 for l2 exceeds sqrt(784) = 28", None),
     ("train-robust-l2-eps-beyond-any-image-distance", TR + ["--norm", "l2", "--eps", "1e300"],
      "error: eps 1e+300 for l2 exceeds sqrt(784) = 28, the largest L2 distance between 1x28x28 images", None),
     ("run-eps-with-underscore", RUN, "error: {IN}/suite.yaml: line 5: invalid eps '0.0_3'",
