@@ -368,8 +368,8 @@ class EvalResult:
 # --- the journal of an evaluation ---------------------------------------------------------------
 @dataclass
 class BatchResult:
-    """One attacked batch: per-sample results (CPU tensors aligned with ``sample_ids``), the attack
-    time and the attack's counters."""
+    """One attacked batch: per-sample results (tensors aligned with ``sample_ids``; on the device
+    where they were computed, on the CPU once saved), the attack time and the attack's counters."""
 
     sample_ids: torch.Tensor
     adv_pred: torch.Tensor
@@ -402,8 +402,8 @@ class Journal:
     def record(self, threat: ThreatModel, label: str, start: int, batch: BatchResult) -> None:
         from .fileio import atomic_write
 
-        payload = {"sample_ids": batch.sample_ids, "adv_pred": batch.adv_pred, "fooled": batch.fooled,
-                   "dist": batch.dist, "seconds": float(batch.seconds), "stats": dict(batch.stats)}
+        payload = {"sample_ids": batch.sample_ids.cpu(), "adv_pred": batch.adv_pred.cpu(), "fooled": batch.fooled.cpu(),
+                   "dist": batch.dist.cpu(), "seconds": float(batch.seconds), "stats": dict(batch.stats)}
         try:
             atomic_write(self.path(threat, label, start), lambda f: torch.save(payload, f))
         except OSError as exc:
@@ -590,7 +590,7 @@ def _attack_batch(model, atk, label: str, threat: ThreatModel, batch, predict_ba
     _verify(threat, label, xa, xb)
     with attack_mode(model, "eval"):
         pred = _predict(model, xa, predict_batch_size, f"adversarial examples of {label!r}")
-    return BatchResult(ib.cpu(), pred.cpu(), (pred != yb).cpu(), threat.distance(xa, xb).float().cpu(), seconds, stats)
+    return BatchResult(ib, pred, pred != yb, threat.distance(xa, xb).float(), seconds, stats)
 
 
 def _check_saved_batch(batch: BatchResult, ids: torch.Tensor, path: Path) -> None:
