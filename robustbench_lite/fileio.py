@@ -25,6 +25,15 @@ def ensure_dir(path: PathLike) -> Path:
     return p
 
 
+def not_a_file(path: PathLike) -> Optional[str]:
+    """What stands at a file destination that cannot be replaced by a file: "a directory", "not a
+    regular file" (a socket, a device...), or None (nothing, or a regular file)."""
+    p = Path(path)
+    if not p.exists() or p.is_file():
+        return None
+    return "a directory" if p.is_dir() else "not a regular file"
+
+
 def check_not_directory(path: PathLike, what: str = "output") -> None:
     """Refuse a file destination where a directory is (before the work that would end in writing it)."""
     if Path(path).is_dir():

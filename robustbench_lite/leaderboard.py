@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from .errors import AdvbenchError
-from .fileio import atomic_write, atomic_write_text, ensure_dir, locked
+from .fileio import atomic_write, atomic_write_text, ensure_dir, locked, not_a_file
 from .threat import format_eps
 
 CSV_NAME = "leaderboard.csv"
@@ -244,8 +244,8 @@ def check_writable(results_dir) -> None:
     and the folder is writable (ensure_dir); an AdvbenchError naming the path otherwise."""
     ensure_dir(results_dir)
     for p in (csv_path(results_dir), md_path(results_dir)):
-        if p.exists() and not p.is_file():
-            what = "a directory" if p.is_dir() else "not a regular file"
+        what = not_a_file(p)
+        if what:
             raise AdvbenchError(f"cannot write the leaderboard: {p} is {what}; move it away")
 
 

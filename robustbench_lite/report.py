@@ -329,15 +329,15 @@ def write_report(run_id: str, results_dir="results", training_csv=None, robustbe
     """Write the plots, robustbench.json and report.md into the run folder; returns
     {"run_dir", "files", "notes"}. Every destination is checked first, and a write that fails all the
     same (a full disk, a read-only folder) is an AdvbenchError naming the file."""
-    from .fileio import ensure_dir
+    from .fileio import ensure_dir, not_a_file
 
     path = run_dir(run_id, results_dir)
     config, summary = load_run(path)
     tcsv = Path(training_csv) if training_csv else _training_csv_for(config)
     ensure_dir(path)
     for dest in [path / name for name in REPORT_FILES] + ([Path(robustbench_json)] if robustbench_json else []):
-        if dest.exists() and not dest.is_file():
-            what = "a directory" if dest.is_dir() else "not a regular file"
+        what = not_a_file(dest)
+        if what:
             raise AdvbenchError(f"cannot write the report: {dest} is {what}")
     try:
         return _write_report(path, config, summary, tcsv, robustbench_json, n_images, device)
