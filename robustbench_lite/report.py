@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import AdvbenchError
+from .runs import matching_run_ids, run_ids
 from .threat import ThreatModel, format_eps
 
 
@@ -45,8 +46,7 @@ def run_dir(run_id: str, results_dir="results") -> Path:
     p = Path(results_dir) / "runs" / str(run_id)
     if not p.is_dir():
         runs = Path(results_dir) / "runs"
-        known = sorted(q.name for q in runs.iterdir() if q.is_dir()) if runs.is_dir() else []
-        matches = [k for k in known if k.startswith(str(run_id))]
+        known, matches = run_ids(results_dir), matching_run_ids(results_dir, str(run_id))
         if len(matches) == 1:
             return runs / matches[0]
         if len(matches) > 1:

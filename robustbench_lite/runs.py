@@ -24,7 +24,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from .errors import AdvbenchError
 from .evaluator import Journal
@@ -92,6 +92,19 @@ def _lookup(obj: Any, path: str) -> Any:
     return obj
 
 
+def run_ids(results_dir) -> List[str]:
+    """The ids of the run folders under ``<results>/runs``, oldest first (run ids sort by time)."""
+    runs = Path(results_dir) / "runs"
+    return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+
+
+def matching_run_ids(results_dir, prefix: str) -> List[str]:
+    """``[prefix]`` when it is a run id, else the run ids that start with it (none for an empty one)."""
+    known = run_ids(results_dir)
+    prefix = str(prefix).strip()
+    return [k for k in known if k == prefix] or [k for k in known if prefix and k.startswith(prefix)]
+
+
 @dataclass
 class RunFolder:
     """``<results>/runs/<run_id>/`` (see the module docstring)."""
@@ -116,9 +129,8 @@ class RunFolder:
     def find(cls, results_dir, prefix: str) -> "RunFolder":
         """The run whose id is ``prefix`` or starts with it (unique); an AdvbenchError otherwise."""
         runs = Path(results_dir) / "runs"
-        known = sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
         prefix = str(prefix).strip()
-        matches = [k for k in known if k == prefix] or [k for k in known if prefix and k.startswith(prefix)]
+        matches = matching_run_ids(results_dir, prefix)
         if not matches:
             raise AdvbenchError(f"--resume {prefix}: no run {prefix!r} in {runs}")
         if len(matches) > 1:
@@ -204,11 +216,9 @@ def suite_key(suite_path) -> str:
 
 def latest_suite_run(results_dir, entry: str) -> Optional[RunFolder]:
     """The newest run folder whose config.yaml has ``suite_entry: entry`` (None if there is none)."""
-    runs = Path(results_dir) / "runs"
-    # run ids sort by time: newest first
-    folders = sorted((p for p in runs.iterdir() if p.is_dir()), reverse=True) if runs.is_dir() else []
-    for p in folders:
-        folder = RunFolder(Path(results_dir), p.name, p)
+    for run_id in reversed(run_ids(results_dir)):  # newest first
+        p = Path(results_dir) / "runs" / run_id
+        folder = RunFolder(Path(results_dir), run_id, p)
         try:
             if (p / CONFIG_NAME).is_file() and folder.stored_config().get("suite_entry") == entry:
                 return folder
