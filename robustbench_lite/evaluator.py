@@ -41,6 +41,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
+from attacks.engine import check_images
+
 from .errors import AdvbenchError
 from .threat import ThreatModel, format_eps, parse_eps_list
 
@@ -481,9 +483,7 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, sample_ids: Optional[torch.Te
         raise AdvbenchError(f"{y.numel()} labels for {x.shape[0]} images")
     if sample_ids is not None and torch.as_tensor(sample_ids).reshape(-1).numel() != x.shape[0]:
         raise AdvbenchError(f"{torch.as_tensor(sample_ids).numel()} sample ids for {x.shape[0]} images")
-    from attacks.engine import check_images  # the attacks' own check (every attack call runs it too)
-
-    check_images(x)
+    check_images(x)  # the attacks' own check (every attack call runs it too)
 
 
 def evaluate(model, x: torch.Tensor, y: torch.Tensor,
