@@ -7,7 +7,8 @@ Built-in: fgsm, bim (alias ifgsm), pgd, and apgd-ce, apgd-dlr, apgd-t (attacks.a
 Third-party attacks register on import through the ``advbench.attacks`` entry-point group, e.g.
 in their pyproject.toml:
 ``[project.entry-points."advbench.attacks"] mine = "mypkg.my_attack"`` where my_attack does
-``@attacks.ATTACKS.register("mine") class Mine(attacks.Attack): defaults = {...}``.
+``@attacks.ATTACKS.register("mine") class Mine(attacks.Attack): defaults = {...}``. The registry
+itself lives in attacks.engine, which every plugin imports.
 
 This package stays light: importing it pulls in torch and robustbench_lite's registry/threat
 only (never the CLI or the evaluator).
@@ -16,13 +17,10 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from robustbench_lite.registry import Registry
 from robustbench_lite.threat import ThreatModel
 
-from .engine import Attack, attack_mode, random_targets, unwrap
-
-ATTACKS = Registry("attack", builtin_modules=("attacks.fgsm", "attacks.bim", "attacks.pgd", "attacks.apgd"),
-                   entry_point_group="advbench.attacks")
+from . import apgd, bim, fgsm, pgd  # noqa: F401  (the built-in attacks register themselves on import)
+from .engine import ATTACKS, Attack, attack_mode, random_targets, unwrap
 
 
 def create(name: str, threat: Optional[ThreatModel] = None, **kwargs: Any) -> Attack:

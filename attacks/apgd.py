@@ -48,8 +48,8 @@ import torch
 
 from robustbench_lite.errors import AdvbenchError
 
-from . import ATTACKS, losses
-from .engine import Attack, check_count
+from . import losses
+from .engine import ATTACKS, Attack, check_count
 
 
 # APGD-T attacks one target class after the other (AutoAttack: 9), each costing a full walk; the

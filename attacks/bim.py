@@ -10,8 +10,7 @@ boundary with a little slack.
 """
 from __future__ import annotations
 
-from . import ATTACKS
-from .engine import Attack
+from .engine import ATTACKS, Attack
 
 
 @ATTACKS.register("bim", aliases=("ifgsm", "i-fgsm"),

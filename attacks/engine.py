@@ -53,9 +53,14 @@ from torch import nn
 
 from robustbench_lite import rng
 from robustbench_lite.errors import AdvbenchError
+from robustbench_lite.registry import Registry
 from robustbench_lite.threat import ThreatModel
 
 from . import losses
+
+# Every attack by name: the built-ins register in their modules (attacks/__init__.py imports them),
+# third-party attacks through the ``advbench.attacks`` entry-point group.
+ATTACKS = Registry("attack", entry_point_group="advbench.attacks")
 
 KEEP_CHOICES = ("first-fool", "best-loss", "last")
 TARGETED_CHOICES = ("random", "least-likely")

@@ -6,8 +6,7 @@
 """
 from __future__ import annotations
 
-from . import ATTACKS
-from .engine import Attack
+from .engine import ATTACKS, Attack
 
 
 @ATTACKS.register("fgsm", aliases=("fgm",), help="FGSM (Goodfellow et al. 2015): one eps-sized gradient-sign step")

@@ -12,8 +12,7 @@ the walk can cross the ball from any random start.
 """
 from __future__ import annotations
 
-from . import ATTACKS
-from .engine import Attack
+from .engine import ATTACKS, Attack
 
 
 @ATTACKS.register("pgd", help="PGD (Madry et al. 2018): random start + projected gradient ascent, restarts")

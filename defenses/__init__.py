@@ -1,17 +1,12 @@
-"""Defense plugins: smooth activations (defenses.activations), training methods
-(defenses.methods: standard, pgd-at, fgsm-rs, trades, mix) and weight averaging.
+"""Defense plugins, one module per kind:
 
-Training methods register in ``METHODS``; third-party ones through the ``advbench.defenses``
-entry-point group.
+    defenses.activations   smooth activations (ACTIVATIONS: softplus, silu, gelu, elu, smoothrelu,
+                           relu with a smooth backward pass), used by every model (robustbench_lite.models)
+    defenses.methods       training methods (METHODS: standard, pgd-at, fgsm-rs, trades, mix) and
+                           create() / names(), used by the training loop
+    defenses.averaging     weight averaging (SWA, EMA)
+
+Third-party activations and methods register through the ``advbench.defenses`` entry-point group.
+This file imports nothing: models need the activations without the training methods (which sit
+above the attacks).
 """
-from robustbench_lite.registry import Registry
-
-METHODS = Registry("defense", builtin_modules=("defenses.methods",), entry_point_group="advbench.defenses")
-
-
-def create(name: str, **kwargs):
-    return METHODS.create(name, **kwargs)
-
-
-def names():
-    return METHODS.names()

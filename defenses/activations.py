@@ -16,7 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from robustbench_lite.errors import AdvbenchError
-from robustbench_lite.registry import ACTIVATIONS
+from robustbench_lite.registry import Registry
+
+# Activations by name; models (robustbench_lite.models) build any architecture with any of them.
+ACTIVATIONS = Registry("activation", entry_point_group="advbench.defenses")
 
 
 class Activation(nn.Module):

@@ -43,11 +43,23 @@ from torch import nn
 
 from attacks.engine import unwrap
 from robustbench_lite.errors import AdvbenchError
+from robustbench_lite.registry import Registry
 from robustbench_lite.threat import ThreatModel
 
-from . import METHODS
+# Training methods by name; third-party ones register through the ``advbench.defenses`` entry points.
+METHODS = Registry("defense", entry_point_group="advbench.defenses")
 
 BN_MODES = ("eval", "train")
+
+
+def create(name: str, **kwargs):
+    """The training method registered as ``name`` (case-insensitive, aliases allowed)."""
+    return METHODS.create(name, **kwargs)
+
+
+def names():
+    """Registered training method names, sorted."""
+    return METHODS.names()
 
 
 @dataclass

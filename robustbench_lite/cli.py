@@ -141,13 +141,13 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
 def list_cmd():
     """List registered models, datasets, attacks, activations and defenses."""
     import attacks
-    import defenses
+    from defenses.activations import ACTIVATIONS
+    from defenses.methods import METHODS
     from .data import DATASETS
     from .models import MODELS
-    from .registry import ACTIVATIONS
 
     for title, reg in (("models", MODELS), ("datasets", DATASETS), ("attacks", attacks.ATTACKS),
-                       ("activations", ACTIVATIONS), ("defenses", defenses.METHODS)):
+                       ("activations", ACTIVATIONS), ("defenses", METHODS)):
         t = Table(title=title, title_justify="left")
         t.add_column("name", style="bold")
         t.add_column("description")

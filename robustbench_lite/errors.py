@@ -2,7 +2,15 @@
 
 Anything a user can get wrong (a name, an eps, a path, a checkpoint) raises AdvbenchError with a
 message that names the problem. Everything else is a bug and keeps its traceback.
+
+A bad value of a setting raises SettingError, whose message names the setting the way the caller
+knows it: the library and its Python users see the parameter (``epochs must be >= 1 (got 0)``);
+the command line renders the same error with its flag (``--epochs must be >= 1 (got 0)``). Only
+robustbench_lite.cli knows flag names.
 """
+from __future__ import annotations
+
+from typing import Callable
 
 
 class AdvbenchError(Exception):
@@ -14,3 +22,22 @@ class UnknownNameError(AdvbenchError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class SettingError(AdvbenchError):
+    """A bad value of one or more named settings.
+
+    ``template`` names each setting as ``{name}`` (literal braces doubled):
+    ``SettingError("{epochs} must be >= 1 (got 0)", "epochs")``. ``str()`` shows the parameter
+    names; ``render(show)`` shows ``show(name)`` instead (the CLI passes its flag lookup)."""
+
+    def __init__(self, template: str, *settings: str):
+        self.template = template
+        self.settings = settings
+        super().__init__(self.render())
+
+    def render(self, show: Callable[[str], str] = str) -> str:
+        return self.template.format(**{s: show(s) for s in self.settings})
+
+    def __str__(self) -> str:
+        return self.render()

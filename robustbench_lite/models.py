@@ -11,8 +11,10 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from defenses.activations import ACTIVATIONS
+
 from .errors import AdvbenchError
-from .registry import ACTIVATIONS, Registry
+from .registry import Registry, suggest
 
 MODELS = Registry("model", entry_point_group="advbench.models")
 
@@ -276,10 +278,8 @@ def _torchvision_model(tv_name: str, in_channels: int = 3, num_classes: int = 10
     import torchvision.models as tvm
 
     if tv_name not in tvm.list_models(module=tvm):
-        import difflib
-
-        close = difflib.get_close_matches(tv_name, tvm.list_models(module=tvm), n=3)
-        hint = f"; did you mean {' or '.join('tv:' + c for c in close)}?" if close else ""
+        close = suggest(tv_name, tvm.list_models(module=tvm), n=3, show=lambda c: f"tv:{c}")
+        hint = f"; {close}" if close else ""
         raise AdvbenchError(f"unknown torchvision model {tv_name!r}{hint}")
     if in_channels not in (1, 3):
         raise AdvbenchError(f"tv:{tv_name} takes 1- or 3-channel images (got {in_channels})")

@@ -1,27 +1,36 @@
 """One generic name -> factory registry, used for models, datasets, attacks, activations and
 defense methods.
 
-A registry may name built-in plugin modules and an entry-point group; both are imported on the
-first lookup, so `import robustbench_lite.registry` stays cheap and third-party packages can add
-names by declaring e.g. ``[project.entry-points."advbench.attacks"] mine = "mypkg.attacks"``.
+Each registry lives in the module that defines its built-in entries (models.MODELS, data.DATASETS,
+attacks.engine.ATTACKS, attacks.losses.LOSSES, defenses.activations.ACTIVATIONS,
+defenses.methods.METHODS), so the built-ins are there once that module is imported. A registry may
+also name an entry-point group, imported on the first lookup, through which third-party packages
+add names: e.g. ``[project.entry-points."advbench.attacks"] mine = "mypkg.attacks"``.
 """
 from __future__ import annotations
 
 import difflib
-import importlib
+import warnings
 from importlib import metadata
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from .errors import AdvbenchError, UnknownNameError
 
 
+def suggest(word: str, choices: Iterable[str], n: int = 1, cutoff: float = 0.6,
+            show: Callable[[str], str] = repr) -> str:
+    """The one near-miss hint of the project: ``did you mean 'pgd'?`` (up to ``n`` close matches of
+    ``word`` among ``choices``, joined by "or", each through ``show``), or "" when none is close."""
+    close = difflib.get_close_matches(str(word), list(choices), n=n, cutoff=cutoff)
+    return f"did you mean {' or '.join(show(c) for c in close)}?" if close else ""
+
+
 class Registry:
-    def __init__(self, kind: str, builtin_modules: Iterable[str] = (), entry_point_group: Optional[str] = None):
+    def __init__(self, kind: str, entry_point_group: Optional[str] = None):
         self.kind = kind
         self._factories: Dict[str, Callable[..., Any]] = {}
         self._help: Dict[str, str] = {}
         self._aliases: Dict[str, str] = {}
-        self._builtin_modules = tuple(builtin_modules)
         self._entry_point_group = entry_point_group
         self._loaded = False
         self._prefixes: List[Tuple[str, Callable[..., Any], str]] = []
@@ -53,15 +62,11 @@ class Registry:
         if self._loaded:
             return
         self._loaded = True
-        for mod in self._builtin_modules:
-            importlib.import_module(mod)
         if self._entry_point_group:
             for ep in metadata.entry_points(group=self._entry_point_group):
                 try:
                     ep.load()
                 except Exception as exc:  # a broken third-party plugin must not break the tool
-                    import warnings
-
                     warnings.warn(f"advbench: could not load plugin {ep.name!r} ({ep.value}): {exc}")
 
     def canonical(self, name: str) -> str:
@@ -74,8 +79,8 @@ class Registry:
             if key.startswith(prefix):
                 return name.strip()
         choices = self.names()
-        close = difflib.get_close_matches(key, choices, n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        close = suggest(key, choices, n=3, cutoff=0.5)
+        hint = f"; {close}" if close else ""
         extra = "".join(f", {p}{ph}" for p, _, ph in self._prefixes)
         raise UnknownNameError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(choices)}{extra})")
 
@@ -109,7 +114,3 @@ class Registry:
         except UnknownNameError:
             return False
 
-
-# Activations are built by models (a low layer) but defined by defenses (a higher one); the
-# registry lives here and loads defenses.activations lazily, so the import graph stays one-way.
-ACTIVATIONS = Registry("activation", builtin_modules=("defenses.activations",), entry_point_group="advbench.defenses")

@@ -374,7 +374,7 @@ def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
     from .runtime import resolve_device
 
     if method is None:
-        from defenses import METHODS
+        from defenses.methods import METHODS
 
         method = METHODS.create("standard")
     cfg.validate()
@@ -706,7 +706,7 @@ def build_method(name: str, threat, *, steps: Optional[int] = None, alpha: Optio
                  seed: int = 0, eps_warmup: int = 0):
     """The training method ``name`` with the command line's settings (an AdvbenchError for a
     setting the method does not have)."""
-    from defenses import METHODS
+    from defenses.methods import METHODS
     from defenses.methods import AdversarialMethod, Mix, TRADES
 
     key = METHODS.canonical(name)
@@ -786,7 +786,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 def run_robust_training(opts: RobustTrainOptions, console=None, quiet: bool = False) -> RobustTrainReport:
-    from defenses import METHODS
+    from defenses.methods import METHODS
 
     from .data import load_dataset
     from .models import MODELS, activation_factory

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from robustbench_lite.errors import AdvbenchError, UnknownNameError
 from robustbench_lite.models import create_model
-from robustbench_lite.registry import ACTIVATIONS
+from defenses.activations import ACTIVATIONS
 
 SMOOTH = ("softplus", "silu", "gelu", "elu", "smoothrelu")
 ALL = ("relu",) + SMOOTH

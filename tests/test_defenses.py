@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import defenses
+from defenses import methods
 from attacks import losses
 from defenses.averaging import EMA, SWA, create_averager, recompute_batchnorm
 from defenses.methods import StepOutput, epoch_seed
@@ -38,15 +38,15 @@ def batch(n=16, seed=0, classes=4):
 
 
 def make(name, **kw):
-    return defenses.create(name, eps=EPS, **kw)
+    return methods.create(name, eps=EPS, **kw)
 
 
 # -- registry and configuration -----------------------------------------------------------------
 def test_every_method_is_registered():
-    assert {"standard", *ADV} <= set(defenses.names())
-    assert defenses.METHODS.canonical("madry") == "pgd-at"
+    assert {"standard", *ADV} <= set(methods.names())
+    assert methods.METHODS.canonical("madry") == "pgd-at"
     with pytest.raises(UnknownNameError, match="did you mean 'trades'"):
-        defenses.create("trade", eps=EPS)
+        methods.create("trade", eps=EPS)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -58,7 +58,7 @@ def test_every_method_is_registered():
 ])
 def test_bad_method_arguments_are_clear_errors(kw, match):
     with pytest.raises(AdvbenchError, match=match):
-        defenses.create("pgd-at", **kw)
+        methods.create("pgd-at", **kw)
 
 
 def test_method_specific_errors():

@@ -51,12 +51,12 @@ def test_prefix_factories():
 
 def test_builtin_registries_share_the_class():
     import attacks
-    import defenses
+    from defenses import methods
     from robustbench_lite.data import DATASETS
     from robustbench_lite.models import MODELS
-    from robustbench_lite.registry import ACTIVATIONS
+    from defenses.activations import ACTIVATIONS
 
-    for reg in (attacks.ATTACKS, defenses.METHODS, DATASETS, MODELS, ACTIVATIONS):
+    for reg in (attacks.ATTACKS, methods.METHODS, DATASETS, MODELS, ACTIVATIONS):
         assert isinstance(reg, Registry)
     assert {"fgsm", "bim", "pgd"} <= set(attacks.names())
     assert {"relu", "silu", "gelu", "elu", "softplus", "smoothrelu"} <= set(ACTIVATIONS.names())

@@ -295,14 +295,14 @@ def test_interrupted_zoo_baseline_is_resumed_not_used_half_trained(tmp_path, mni
 
 # --- kills at the edges of training: between the two checkpoint writes, during the final evaluation -------------------
 def _tiny_robust_run(out, resume=False):
-    import defenses
+    from defenses import methods
     from robustbench_lite.threat import ThreatModel
     from robustbench_lite.training import RobustValidation, TrainConfig, train
 
     threat = ThreatModel("linf", 0.3)
     cfg = TrainConfig(model="lenet", epochs=3, n_train=200, batch_size=50, optimizer="adam", lr=0.003,
                       weight_decay=0.0, out=str(out), device="cpu", seed=3, val_size=100, resume=resume)
-    return train(cfg, defenses.create("pgd-at", threat=threat, seed=3, steps=2), quiet=True,
+    return train(cfg, methods.create("pgd-at", threat=threat, seed=3, steps=2), quiet=True,
                  robust_val=RobustValidation(threat, steps=2))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import defenses
+from defenses import methods
 from defenses.methods import PGDAT
 from robustbench_lite.checkpoint import read_checkpoint
 from robustbench_lite.cli import app
@@ -51,7 +51,7 @@ def _equal_states(a, b):
 ])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, mnist5k, method, averaging):
     def run(out, resume=False, hook=None):
-        m = defenses.create(method, threat=THREAT, seed=3, **({} if method == "fgsm-rs" else {"steps": 2}))
+        m = methods.create(method, threat=THREAT, seed=3, **({} if method == "fgsm-rs" else {"steps": 2}))
         return train(tiny_cfg(out, resume=resume, **averaging), m, dataset=mnist5k, quiet=True,
                      robust_val=RobustValidation(THREAT, steps=2), on_epoch_end=hook)
 
@@ -76,7 +76,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, mnist5k
 
 def test_resume_of_a_finished_run_trains_nothing(tmp_path, mnist5k):
     out = tmp_path / "done.pt"
-    m = defenses.create("fgsm-rs", threat=THREAT)
+    m = methods.create("fgsm-rs", threat=THREAT)
     train(tiny_cfg(out, epochs=1), m, dataset=mnist5k, quiet=True)
     again = train(tiny_cfg(out, epochs=1, resume=True), m, dataset=mnist5k, quiet=True)
     assert again.epochs_run == 0 and len(again.metrics) == 1
@@ -117,7 +117,7 @@ def test_training_never_sees_the_held_out_examples(tmp_path, mnist5k):
 
 def test_best_checkpoint_metrics_csv_and_defense_record(tmp_path, mnist5k):
     out = tmp_path / "m.pt"
-    m = defenses.create("pgd-at", threat=THREAT, steps=2)
+    m = methods.create("pgd-at", threat=THREAT, steps=2)
     res = train(tiny_cfg(out, epochs=3), m, dataset=mnist5k, quiet=True, robust_val=RobustValidation(THREAT, steps=2))
     rows = list(csv.DictReader(metrics_path(out).open()))
     assert len(rows) == 3
@@ -135,7 +135,7 @@ def test_best_checkpoint_metrics_csv_and_defense_record(tmp_path, mnist5k):
 
 def test_robust_validation_needs_held_out_examples(tmp_path, mnist5k):
     with pytest.raises(AdvbenchError, match="--val-size"):
-        train(tiny_cfg(tmp_path / "x.pt", val_size=0), defenses.create("pgd-at", threat=THREAT), dataset=mnist5k,
+        train(tiny_cfg(tmp_path / "x.pt", val_size=0), methods.create("pgd-at", threat=THREAT), dataset=mnist5k,
               quiet=True, robust_val=RobustValidation(THREAT))
 
 
@@ -276,11 +276,11 @@ def test_train_robust_cli_errors_are_one_line(tmp_path, extra, match):
 
 def test_resume_with_another_method_is_refused(tmp_path, mnist5k):
     out = tmp_path / "r.pt"
-    train(tiny_cfg(out, epochs=1, val_size=0, n_train=50), defenses.create("fgsm-rs", threat=THREAT),
+    train(tiny_cfg(out, epochs=1, val_size=0, n_train=50), methods.create("fgsm-rs", threat=THREAT),
           dataset=mnist5k, quiet=True)
     with pytest.raises(AdvbenchError, match="was trained with method 'fgsm-rs', not 'pgd-at'"):
         train(tiny_cfg(out, epochs=2, val_size=0, n_train=50, resume=True),
-              defenses.create("pgd-at", threat=THREAT), dataset=mnist5k, quiet=True)
+              methods.create("pgd-at", threat=THREAT), dataset=mnist5k, quiet=True)
 
 
 # -- the claims of the defense table (minutes: run with -m slow) ------------------------------------
