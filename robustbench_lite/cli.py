@@ -1,7 +1,9 @@
 """The `advbench` command line (typer + rich).
 
 Every command turns bad input (an AdvbenchError, or a usage error) into one line on stderr,
-``error: ...``, and exit code 2 - never a traceback.
+``error: ...``, and exit code 2 - never a traceback. This is the only module that knows flag names:
+a library SettingError names a parameter (``epochs``) and is reported with the command's flag for it
+(``--epochs``, see flag_for).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import AdvbenchError
+from .errors import AdvbenchError, SettingError
 
 try:  # typer >= 0.24 vendors click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -76,6 +78,18 @@ def interrupted(exc: KeyboardInterrupt, argv: List[str]) -> "typer.Exit":
     return fail(what, code)
 
 
+def flag_for(group, command: Optional[str], setting: str) -> str:
+    """The flag that sets the library parameter ``setting``: the invoked command's own option of that
+    name (``n_eval`` -> ``--n-eval``), else any command's, else ``--`` + the name with dashes."""
+    commands = [group.commands[command]] if command in group.commands else []
+    for cmd in commands + [c for c in group.commands.values() if c not in commands]:
+        for param in cmd.params:
+            longs = [o for o in getattr(param, "opts", ()) if o.startswith("--")]
+            if param.name == setting and longs:
+                return longs[0]
+    return "--" + setting.replace("_", "-")
+
+
 class AdvbenchGroup(typer.core.TyperGroup):
     """Turns AdvbenchError and click usage errors into one stderr line and exit code 2, and Ctrl-C /
     SIGTERM into one line saying what was kept (exit 130 / 143)."""
@@ -83,6 +97,8 @@ class AdvbenchGroup(typer.core.TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except SettingError as exc:
+            raise fail(exc.render(lambda s: flag_for(self, ctx.invoked_subcommand, s))) from None
         except AdvbenchError as exc:
             raise fail(str(exc)) from None
         except KeyboardInterrupt as exc:  # typer would turn it into a silent exit 130
@@ -357,7 +373,7 @@ def attack_cmd(
 ):
     """Accuracy under FGSM / BIM / PGD: clean, per attack, worst case; recorded in the leaderboard."""
     from .evaluator import resolve_threats
-    from .runtime import check_amp
+    from .runtime import parse_amp
     from .suite import RunSpec, cli_attack_specs, execute_run, suite_attack_specs
 
     threats = resolve_threats(eps=eps, norm=norm)
@@ -367,13 +383,13 @@ def attack_cmd(
         if clash:
             raise AdvbenchError(f"--suite {suite} and {', '.join(clash)} conflict: a suite fixes its attacks and "
                                 f"their settings (drop --suite to choose attacks yourself)")
-        specs = suite_attack_specs(suite, amp=check_amp(amp))
+        specs = suite_attack_specs(suite, amp=parse_amp(amp))
     else:
         specs = cli_attack_specs(attack or "fgsm,bim,pgd", steps=steps, alpha=alpha, restarts=restarts, loss=loss,
-                                 amp=check_amp(amp))
+                                 amp=parse_amp(amp))
     spec = RunSpec(model=model, checkpoint=checkpoint, dataset=dataset, threats=threats, attacks=specs,
                    n_examples=n_examples, batch_size=batch_size, device=device, seed=seed, results_dir=results_dir,
-                   data_dir=data_dir, download=download, amp=check_amp(amp), channels_last=channels_last,
+                   data_dir=data_dir, download=download, amp=parse_amp(amp), channels_last=channels_last,
                    compile=compile, flags=[f"attack-suite={suite.strip().lower()}"] if suite else [],
                    masking_checks=masking_checks, resume=resume)
     out = err_console if json_out else console

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .errors import AdvbenchError
+from .errors import AdvbenchError, SettingError
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -56,14 +56,17 @@ def env_rank() -> int:
 
 
 AMP_CHOICES = ("bf16",)
+AMP_OFF = ("", "none", "off", "false", "fp32")  # the words for "no autocast" (as is None)
 
 
-def check_amp(amp: Optional[str]) -> Optional[str]:
-    if amp in (None, "", "none", "off"):
+def parse_amp(amp: Optional[str]) -> Optional[str]:
+    """The one parser of the ``amp`` setting (the CLI's --amp, a suite's or an attack's ``amp``): None
+    (float32) or "bf16" (forward passes under torch.autocast in bfloat16)."""
+    if amp is None or str(amp).strip().lower() in AMP_OFF:
         return None
-    if str(amp).lower() not in AMP_CHOICES:
-        raise AdvbenchError(f"invalid --amp {amp!r}: expected bf16 (or leave it out)")
-    return str(amp).lower()
+    if str(amp).strip().lower() not in AMP_CHOICES:
+        raise SettingError(f"invalid {{amp}} {amp!r}: expected bf16 (or leave it out)", "amp")
+    return str(amp).strip().lower()
 
 
 def accelerate(model: torch.nn.Module, device: torch.device, channels_last: bool = False,

@@ -47,7 +47,7 @@ from .checkpoint import build_checkpoint, read_checkpoint, save_checkpoint, load
 from .errors import AdvbenchError
 from .fileio import atomic_write_text, ensure_dir
 from . import distributed
-from .runtime import (check_amp, check_positive, compile_model, env_rank, progress_bar, seed_everything,
+from .runtime import (parse_amp, check_positive, compile_model, env_rank, progress_bar, seed_everything,
                       to_memory_format)
 
 
@@ -83,7 +83,7 @@ class TrainConfig:
     compile: bool = False               # torch.compile the model used for the training steps
 
     def validate(self) -> None:
-        self.amp = check_amp(self.amp)
+        self.amp = parse_amp(self.amp)
         check_positive("--epochs", self.epochs)
         check_positive("--batch-size", self.batch_size)
         if self.val_size is None or self.val_size < 0:
