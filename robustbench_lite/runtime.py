@@ -1,12 +1,19 @@
-"""Device selection, seeding and small run-time helpers shared by training and evaluation."""
+"""Device selection, seeding, the fast paths, and what a long run shows while it works (Narrator,
+progress displays): run-time helpers shared by training and evaluation."""
 from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from typing import Optional
 
 import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
 
 from .errors import AdvbenchError, SettingError
 
@@ -144,8 +151,6 @@ class PlainProgress:
         return None
 
     def add_task(self, description: str, total: float = 100.0, **fields) -> int:
-        from rich.text import Text
-
         task_id = len(self.tasks)
         self.tasks[task_id] = _PlainTask(Text.from_markup(description).plain, float(total), fields, self.clock())
         return task_id
@@ -176,8 +181,6 @@ class PlainProgress:
             self._write(task.line(now, self.fields, self.unit))
 
     def _write(self, line: str) -> None:
-        import sys
-
         stream = self.stream if self.stream is not None else sys.stderr
         stream.write(line + "\n")
         stream.flush()
@@ -208,13 +211,60 @@ def progress_bar(*fields: str, console=None, quiet: bool = False, unit: str = ""
     strings over task fields), elapsed time and ETA; on stderr, transient; off when quiet. When
     stderr is not a terminal (a log file, CI, a cluster job) it is PlainProgress instead: a plain
     line per task every PROGRESS_INTERVAL seconds and at the task's end."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
     console = console or Console(stderr=True)
     if not quiet and not console.is_terminal:
         return PlainProgress(fields, stream=console.file, interval=progress_interval(), unit=unit)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     *[TextColumn(f) for f in fields], TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                     console=console, transient=True, disable=quiet)
+
+
+class Narrator:
+    """What a long library call (a run, a training, the zoo) tells its user while it works: lines
+    (``say``), warnings about the results (``warn``, beside the lines), notices on stderr that
+    must not mix with a table or JSON on stdout (``notice``) and progress displays (``progress``,
+    on stderr). The CLI builds one per command from its consoles; library code prints nothing
+    else. ``Narrator()`` shows progress and notices on stderr and no lines; ``SILENT`` shows nothing;
+    ``quieter(flag)`` is a copy that is silent when ``flag`` (e.g. a DDP rank other than 0)."""
+
+    def __init__(self, out: Optional[Console] = None, err: Optional[Console] = None, quiet: bool = False):
+        self.out = out
+        self.err = err
+        self.quiet = quiet
+
+    def quieter(self, quiet: bool = True) -> "Narrator":
+        return Narrator(self.out, self.err, self.quiet or quiet)
+
+    def say(self, text: str, style: Optional[str] = None) -> None:
+        if self.out is not None and not self.quiet:
+            self.out.print(text, style=style, markup=False, highlight=False)
+
+    def warn(self, text: str) -> None:
+        if self.out is not None and not self.quiet:
+            self.out.print(f"[yellow]warning: {escape(text)}[/yellow]", highlight=False)
+
+    def notice(self, text: str) -> None:
+        if not self.quiet:
+            (self.err or Console(stderr=True)).print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def progress(self, *fields: str, unit: str = ""):
+        """The one progress display (progress_bar) on this narrator's stderr."""
+        return progress_bar(*fields, console=self.err, quiet=self.quiet, unit=unit)
+
+
+SILENT = Narrator(quiet=True)
+
+
+class AttackBars:
+    """The evaluator's ``on_progress(threat, label, done, total)`` on a progress display: one bar (or
+    plain line) per (threat model, attack), moved per attack step."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.tasks = {}
+
+    def __call__(self, threat, label: str, done: float, total: int) -> None:
+        key = (threat, label)
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(escape(f"{label} {threat}"), total=max(total, 1))
+        self.progress.update(self.tasks[key], completed=done if total else 1)
