@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
-from attacks.engine import check_images
+from attacks.engine import attack_mode, check_images
 
 from .errors import AdvbenchError
 from .threat import ThreatModel, format_eps, parse_eps_list
@@ -460,13 +460,29 @@ def _check_finite(logits: torch.Tensor, what: str) -> None:
 
 
 @torch.no_grad()
-def _predict(model, x: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+def predict(model, x: torch.Tensor, batch_size: int = 500, what: Optional[str] = None,
+            device: Optional[torch.device] = None) -> torch.Tensor:
+    """The model's predictions (argmax of float32 logits) for x, in batches, in eval mode with frozen
+    parameters (attack_mode: the model's modes are restored after, also on error), on ``device``
+    (default: where x is). ``what`` names the inputs for the check that the logits are finite (an
+    AdvbenchError otherwise); None skips the check. The one prediction loop of the project."""
     preds = []
-    for i in range(0, x.shape[0], batch_size):
-        logits = model(x[i:i + batch_size]).float()
-        _check_finite(logits, what)
-        preds.append(logits.argmax(1))
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x.device)
+    with attack_mode(model, "eval"):
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size]
+            logits = model(xb if device is None else xb.to(device, non_blocking=True)).float()
+            if what is not None:
+                _check_finite(logits, what)
+            preds.append(logits.argmax(1))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=device or x.device)
+
+
+def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500,
+             device: Optional[torch.device] = None) -> torch.Tensor:
+    """How many of (x, y) the model classifies correctly: a 0-d int64 tensor on the prediction device
+    (no host sync; ``int(...)`` or ``.item()`` to read it)."""
+    pred = predict(model, x, batch_size, device=device)
+    return (pred == y.to(pred.device)).sum()
 
 
 def _sync(device: torch.device) -> None:
@@ -503,8 +519,6 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
     ``on_progress(threat, label, done, total)`` is called as the attacks advance (``done`` in
     samples, fractional within a batch). ``journal``: save each finished batch there, and load
     the batches it already holds instead of attacking them (None: everything in memory)."""
-    from attacks import attack_mode
-
     from .runtime import check_positive, resolve_device
 
     check_positive("batch_size", batch_size)
@@ -526,8 +540,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
            else torch.as_tensor(sample_ids).reshape(-1).long()).to(dev)
     n = x.shape[0]
 
-    with attack_mode(model, "eval"):
-        clean_pred = _predict(model, x, batch_size, "clean inputs")
+    clean_pred = predict(model, x, batch_size, "clean inputs")
     correct = clean_pred == y
     todo = correct.nonzero().reshape(-1)
     n_todo = int(todo.numel())
@@ -575,8 +588,6 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
 def _attack_batch(model, atk, label: str, threat: ThreatModel, batch, predict_batch_size: int) -> BatchResult:
     """Attack one batch ``(x, y, sample ids)``, check the adversarial examples against the threat
     model and predict them."""
-    from attacks import attack_mode
-
     xb, yb, ib = batch
     _sync(xb.device)
     t0 = time.perf_counter()
@@ -588,8 +599,7 @@ def _attack_batch(model, atk, label: str, threat: ThreatModel, batch, predict_ba
         raise AdvbenchError(f"attack {label!r} returned shape {tuple(xa.shape)} for inputs "
                             f"{tuple(xb.shape)}; refusing to record the result")
     _verify(threat, label, xa, xb)
-    with attack_mode(model, "eval"):
-        pred = _predict(model, xa, predict_batch_size, f"adversarial examples of {label!r}")
+    pred = predict(model, xa, predict_batch_size, f"adversarial examples of {label!r}")
     return BatchResult(ib, pred, pred != yb, threat.distance(xa, xb).float(), seconds, stats)
 
 

@@ -6,7 +6,8 @@ import os
 import random
 import sys
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 from rich.console import Console
@@ -74,6 +75,36 @@ def parse_amp(amp: Optional[str]) -> Optional[str]:
     if str(amp).strip().lower() not in AMP_CHOICES:
         raise SettingError(f"invalid {{amp}} {amp!r}: expected bf16 (or leave it out)", "amp")
     return str(amp).strip().lower()
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """The fast paths of a run or a training, each a flag (meant for CUDA, accepted on CPU): ``amp``
+    "bf16" (forward passes under torch.autocast in bfloat16; losses and input gradients stay
+    float32), ``channels_last`` (NHWC memory format for the model and its inputs) and ``compile``
+    (torch.compile, dynamic shapes)."""
+
+    amp: Optional[str] = None
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "amp", parse_amp(self.amp))
+        for name in ("channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingError(f"{{{name}}} must be true or false (got {getattr(self, name)!r})", name)
+
+    def accelerate(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``model`` on ``device`` in this memory format, compiled when asked (see accelerate)."""
+        return accelerate(model, device, channels_last=self.channels_last, compile=self.compile)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in the memory format the model expects."""
+        return to_memory_format(x, self.channels_last)
+
+    def flags(self) -> List[str]:
+        """How the numbers were produced, for the leaderboard's flags column (amp is per attack)."""
+        return (["channels_last"] if self.channels_last else []) + (["compile"] if self.compile else [])
 
 
 def accelerate(model: torch.nn.Module, device: torch.device, channels_last: bool = False,
