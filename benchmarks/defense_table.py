@@ -33,7 +33,8 @@ from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.evaluator import evaluate  # noqa: E402
 from robustbench_lite.fileio import atomic_write_text, ensure_dir  # noqa: E402
 from robustbench_lite.threat import ThreatModel  # noqa: E402
-from robustbench_lite.training import RobustTrainOptions, run_robust_training  # noqa: E402
+from robustbench_lite.runs import RobustTrainOptions, run_robust_training  # noqa: E402
+from robustbench_lite.runtime import SILENT  # noqa: E402
 from train_speed import time_epochs as time_epochs_base  # noqa: E402
 
 ACTIVATIONS = ("relu", "silu", "gelu", "softplus", "smoothrelu")
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
             report["pgd_at"][act] = reused("pgd_at", act)
             continue
         log(f"pgd-at with {act}: {args.epochs} epochs, {args.steps} steps")
-        rep = run_robust_training(robust_opts(args, act, work=work), console=None, quiet=True)
+        rep = run_robust_training(robust_opts(args, act, work=work), SILENT)
         res = rep.result
         row = pgd_eval(res.model, ds, threat)
         row.update(epochs=len(res.metrics), best_epoch=rep.best_epoch,
@@ -161,8 +162,7 @@ def main(argv=None) -> int:
             continue
         log(f"{meth}: {args.epochs} epochs")
         over = {"steps": None} if meth in ("fgsm-rs", "mix") else {}
-        rep = run_robust_training(robust_opts(args, "relu", method=meth, work=work, **over), console=None,
-                                  quiet=True)
+        rep = run_robust_training(robust_opts(args, "relu", method=meth, work=work, **over), SILENT)
         res = rep.result
         row = pgd_eval(res.model, ds, threat)
         row.update(epochs=len([r for r in res.metrics if not r.get("rolled_back")]), best_epoch=rep.best_epoch,

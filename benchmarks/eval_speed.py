@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import input_gradient_passes, sync, variants, variant_flags, write_json  # noqa: E402
 
 from robustbench_lite.data import load_dataset  # noqa: E402
-from robustbench_lite.evaluator import evaluate, parse_attack_specs  # noqa: E402
+from robustbench_lite.evaluator import evaluate  # noqa: E402
+from robustbench_lite.specs import parse_attack_specs  # noqa: E402
 from robustbench_lite.runtime import accelerate, resolve_device, to_memory_format  # noqa: E402
 from robustbench_lite.threat import ThreatModel, parse_eps  # noqa: E402
 from robustbench_lite.training import TrainConfig, train  # noqa: E402

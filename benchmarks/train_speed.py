@@ -39,8 +39,9 @@ from common import is_main, machine, variant_flags, variants, write_json  # noqa
 
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.threat import ThreatModel, parse_eps  # noqa: E402
-from robustbench_lite.training import (RobustTrainOptions, TrainConfig, build_method,  # noqa: E402
-                                       run_robust_training, train)
+from robustbench_lite.runs import RobustTrainOptions, build_method, run_robust_training  # noqa: E402
+from robustbench_lite.runtime import SILENT  # noqa: E402
+from robustbench_lite.training import TrainConfig, train  # noqa: E402
 
 METHOD_SPECS = {"standard": ("standard", {}), "fgsm-rs": ("fgsm-rs", {}), "pgd-at": ("pgd-at", {"steps": 7}),
                 "trades": ("trades", {"steps": 7}), "mix": ("mix", {})}
@@ -114,7 +115,7 @@ def fast_at(args, ds, work: Path):
         out=str(work / "fast-at.pt"), results_dir=str(work / "results"), evaluate=True,
         eval_steps=args.eval_steps, n_eval=args.n_eval, eval_batch_size=500, **flags)
     t0 = time.perf_counter()
-    rep = run_robust_training(opts, quiet=True)
+    rep = run_robust_training(opts, SILENT)
     wall = time.perf_counter() - t0
     train_s = sum(float(r["seconds"]) for r in rep.result.metrics)
     row = dict(model=args.model, dataset=ds.name, variant=args.fast_at_variant, epochs=args.fast_at,

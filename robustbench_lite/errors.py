@@ -27,9 +27,10 @@ class UnknownNameError(AdvbenchError, KeyError):
 class SettingError(AdvbenchError):
     """A bad value of one or more named settings.
 
-    ``template`` names each setting as ``{name}`` (literal braces doubled):
-    ``SettingError("{epochs} must be >= 1 (got 0)", "epochs")``. ``str()`` shows the parameter
-    names; ``render(show)`` shows ``show(name)`` instead (the CLI passes its flag lookup)."""
+    ``template`` names each setting as ``{name}``: ``SettingError("{epochs} must be >= 1 (got 0)",
+    "epochs")`` (only those placeholders are replaced; any other text, braces included, is shown as
+    it is). ``str()`` shows the parameter names; ``render(show)`` shows ``show(name)`` instead (the
+    CLI passes its flag lookup)."""
 
     def __init__(self, template: str, *settings: str):
         self.template = template
@@ -37,7 +38,10 @@ class SettingError(AdvbenchError):
         super().__init__(self.render())
 
     def render(self, show: Callable[[str], str] = str) -> str:
-        return self.template.format(**{s: show(s) for s in self.settings})
+        text = self.template
+        for s in self.settings:
+            text = text.replace("{" + s + "}", show(s))
+        return text
 
     def __str__(self) -> str:
         return self.render()

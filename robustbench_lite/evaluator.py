@@ -24,7 +24,7 @@ result is recorded). A model whose outputs are NaN or infinite is an AdvbenchErr
 
 Attacks are called with ``sample_ids`` (dataset indices), so results do not depend on batching or
 on how the data is sharded: each DDP rank can evaluate its shard, and ``EvalResult.merge`` (per
-sample data, concatenated) or ``EvalResult.counts`` (plain sums) combine the shards.
+sample data, concatenated) combines the shards.
 
 Interrupted evaluations: with a ``Journal`` every finished (threat, attack, batch) is saved as it
 finishes, one small file each, and an evaluation given the same journal (same data, batch size and
@@ -44,134 +44,12 @@ import torch
 from attacks.engine import attack_mode, check_images
 
 from .errors import AdvbenchError
-from .threat import ThreatModel, format_eps, parse_eps_list
-
-DEFAULT_ATTACKS = ("fgsm", "bim", "pgd")
-WORST_CASE = "worst-case"
-
-# engine parameters an attack spec may set (the engine validates the values)
-ATTACK_PARAMS = ("steps", "alpha", "random_start", "restarts", "loss", "targeted", "seed", "early_stop", "keep",
-                 "model_mode", "amp")
+from .fileio import atomic_write
+from .runtime import check_positive, resolve_device
+from .specs import DEFAULT_ATTACKS, WORST_CASE, build_attacks, parse_attack_specs, resolve_threats
+from .threat import ThreatModel, format_eps
 
 ProgressFn = Callable[[ThreatModel, str, int, int], None]  # (threat, attack label, done, total)
-
-
-# --- attack specs ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AttackSpec:
-    """An attack by registry name with parameter overrides; ``label`` names it in results."""
-
-    name: str
-    params: Mapping[str, Any] = field(default_factory=dict)
-    label: str = ""
-    factory: Optional[Callable[..., Any]] = None  # an Attack class (default: the registry's ``name``)
-
-    def build(self, threat: ThreatModel, seed: int = 0):
-        import attacks
-
-        params = dict(self.params)
-        params.setdefault("seed", seed)
-        if self.factory is not None:
-            return self.factory(threat=threat, **params)
-        return attacks.create(self.name, threat=threat, **params)
-
-
-def _auto_label(name: str, params: Mapping[str, Any]) -> str:
-    shown = {k: v for k, v in params.items() if k != "seed"}
-    if not shown:
-        return name
-    return f"{name}({','.join(f'{k}={v}' for k, v in sorted(shown.items()))})"
-
-
-def parse_attack_specs(items: Union[str, Iterable[Any], None]) -> List[AttackSpec]:
-    """Attack specs from ``"fgsm,bim,pgd"``, names, dicts ``{"name": "pgd", "steps": 20, "label": ...}``,
-    AttackSpec objects or Attack instances (their class and parameters are reused for every threat
-    model). Names are canonicalised (``ifgsm`` -> ``bim``); labels are the names, made unique with
-    the parameters when one attack appears twice."""
-    import attacks
-    from attacks.engine import Attack
-
-    if items is None:
-        items = DEFAULT_ATTACKS
-    if isinstance(items, str):
-        items = [s for s in (p.strip() for p in items.split(",")) if s] or [""]
-    raw: List[AttackSpec] = []
-    for it in items:
-        if isinstance(it, AttackSpec):
-            spec = it
-        elif isinstance(it, Attack):
-            params = {k: v for k, v in it.config().items() if k not in ("attack", "norm", "eps")}
-            if params.get("alpha") == it.default_alpha(it.threat.eps, it.steps):
-                params.pop("alpha")  # the default step size scales with eps: recompute it per threat
-            raw.append(AttackSpec(it.name, params, "", type(it)))
-            continue
-        elif isinstance(it, str):
-            if not it.strip():
-                raise AdvbenchError("empty attack name (expected e.g. --attack fgsm,bim,pgd)")
-            spec = AttackSpec(it.strip())
-        elif isinstance(it, Mapping):
-            d = dict(it)
-            if "name" not in d:
-                raise AdvbenchError(f"attack spec {d!r} has no 'name'")
-            name, label = d.pop("name"), d.pop("label", "") or ""
-            spec = AttackSpec(str(name), d, str(label))
-        else:
-            raise AdvbenchError(f"invalid attack spec {it!r}: expected a name or a mapping with 'name'")
-        canonical = spec.name if spec.factory is not None else attacks.ATTACKS.canonical(spec.name)
-        raw.append(AttackSpec(canonical, dict(spec.params), spec.label, spec.factory))
-    if not raw:
-        raise AdvbenchError("no attacks given")
-    unlabeled = [s.name for s in raw if not s.label]
-    explicit = {s.label for s in raw if s.label}
-    out: List[AttackSpec] = []
-    for s in raw:
-        plain = unlabeled.count(s.name) == 1 and s.name not in explicit
-        label = s.label or (s.name if plain else _auto_label(s.name, s.params))
-        out.append(AttackSpec(s.name, s.params, label, s.factory))
-    labels = [s.label for s in out]
-    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
-    if dup:
-        raise AdvbenchError(f"attack {dup[0]!r} is listed twice with the same parameters (give each a label)")
-    if WORST_CASE in labels:
-        raise AdvbenchError(f"{WORST_CASE!r} is reserved and cannot label an attack")
-    return out
-
-
-def resolve_threats(threats: Union[ThreatModel, Sequence[ThreatModel], None] = None, *,
-                    eps: Union[str, float, Sequence[Union[str, float]], None] = None,
-                    norm: str = "linf") -> List[ThreatModel]:
-    """One threat model, a list of them, or an eps sweep (``eps="2/255,4/255"`` or a list)."""
-    if threats is not None and eps is not None:
-        raise AdvbenchError("give either threat models or eps, not both")
-    if threats is None:
-        if eps is None:
-            raise AdvbenchError("no threat model: give eps (e.g. 8/255)")
-        if isinstance(eps, str):
-            values = parse_eps_list(eps, norm)
-        elif isinstance(eps, (int, float)):
-            values = [eps]
-        else:
-            values = list(eps)
-        out = [ThreatModel(norm, v) for v in values]
-    elif isinstance(threats, ThreatModel):
-        out = [threats]
-    else:
-        out = list(threats)
-    if not out:
-        raise AdvbenchError("no threat model given")
-    unique: List[ThreatModel] = []
-    for t in out:
-        if not isinstance(t, ThreatModel):
-            raise AdvbenchError(f"invalid threat model {t!r}")
-        if t not in unique:
-            unique.append(t)
-    return unique
-
-
-def build_attacks(specs: Sequence[AttackSpec], threats: Sequence[ThreatModel], seed: int = 0):
-    """Build every (threat, attack) once: bad parameters fail here, before any model work.
-    Returns {(threat, label): Attack}."""
-    return {(t, s.label): s.build(t, seed) for t in threats for s in specs}
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -301,19 +179,6 @@ class EvalResult:
         return {"n_examples": self.n_total, "n_clean_correct": self.n_clean_correct, "clean_acc": self.clean_acc,
                 "seed": self.seed, "device": self.device, "threats": [t.summary() for t in self.threats]}
 
-    def counts(self) -> Dict[str, float]:
-        """Flat sums over the samples (e.g. to all-reduce across DDP ranks): n, clean_correct and,
-        per threat and attack, robust / fooled counts and the norm sum of fooled samples."""
-        c: Dict[str, float] = {"n": self.n_total, "clean_correct": self.n_clean_correct}
-        for t in self.threats:
-            key = f"{t.threat.norm}:{t.threat.eps!r}"
-            for lab, r in t.attacks.items():
-                c[f"{key}:{lab}:robust"] = int(t.robust_mask(lab).sum())
-                c[f"{key}:{lab}:fooled"] = r.n_fooled
-                c[f"{key}:{lab}:norm_sum"] = float(r.dist[r.fooled].sum())
-            c[f"{key}:{WORST_CASE}:robust"] = int(t.robust_mask().sum())
-        return c
-
     def outcome_rows(self) -> List[Dict[str, Any]]:
         """Per-sample outcomes, one row per (sample, threat model)."""
         rows: List[Dict[str, Any]] = []
@@ -402,8 +267,6 @@ class Journal:
         return self.path(threat, label, start).is_file()
 
     def record(self, threat: ThreatModel, label: str, start: int, batch: BatchResult) -> None:
-        from .fileio import atomic_write
-
         payload = {"sample_ids": batch.sample_ids.cpu(), "adv_pred": batch.adv_pred.cpu(), "fooled": batch.fooled.cpu(),
                    "dist": batch.dist.cpu(), "seconds": float(batch.seconds), "stats": dict(batch.stats)}
         try:
@@ -519,70 +382,87 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
     ``on_progress(threat, label, done, total)`` is called as the attacks advance (``done`` in
     samples, fractional within a batch). ``journal``: save each finished batch there, and load
     the batches it already holds instead of attacking them (None: everything in memory)."""
-    from .runtime import check_positive, resolve_device
-
     check_positive("batch_size", batch_size)
     specs = parse_attack_specs(attacks)
     threat_list = resolve_threats(threats, eps=eps, norm=norm)
     built = build_attacks(specs, threat_list, seed)
     y = torch.as_tensor(y)
     check_inputs(x, y, sample_ids)
-    if device is None:
-        dev = _model_device(model)
-    elif isinstance(device, torch.device):
-        dev = device
-    else:
-        dev = resolve_device(device)
+    dev = _model_device(model) if device is None else device if isinstance(device, torch.device) \
+        else resolve_device(device)
     model.to(dev)
     x = x.detach().to(dev)
     y = y.reshape(-1).long().to(dev)
     ids = (torch.arange(x.shape[0]) if sample_ids is None
            else torch.as_tensor(sample_ids).reshape(-1).long()).to(dev)
-    n = x.shape[0]
 
     clean_pred = predict(model, x, batch_size, "clean inputs")
     correct = clean_pred == y
-    todo = correct.nonzero().reshape(-1)
-    n_todo = int(todo.numel())
+    attacked = _Attacked(model, x, y, ids, correct.nonzero().reshape(-1), batch_size, journal, on_progress)
     if journal is not None:
-        journal.total = len(threat_list) * len(specs) * math.ceil(n_todo / batch_size)
-
-    threat_results: List[ThreatResult] = []
-    for threat in threat_list:
-        per_attack: Dict[str, AttackResult] = {}
-        for spec in specs:
-            atk = built[(threat, spec.label)]
-            adv_pred = torch.full((n,), -1, dtype=torch.long, device=dev)
-            fooled = torch.zeros(n, dtype=torch.bool, device=dev)
-            dist = torch.full((n,), math.nan, dtype=torch.float32, device=dev)
-            seconds = 0.0
-            stats: Dict[str, int] = {}
-            if on_progress is not None:
-                on_progress(threat, spec.label, 0, n_todo)
-            for start in range(0, n_todo, batch_size):
-                sel = todo[start:start + batch_size]
-                if journal is not None and journal.done(threat, spec.label, start):
-                    batch = journal.load(threat, spec.label, start)
-                    _check_saved_batch(batch, ids[sel], journal.path(threat, spec.label, start))
-                else:
-                    if on_progress is not None:
-                        atk.on_step = _BatchProgress(on_progress, threat, spec.label, start, len(sel), n_todo)
-                    batch = _attack_batch(model, atk, spec.label, threat, (x[sel], y[sel], ids[sel]), batch_size)
-                    if journal is not None:
-                        journal.record(threat, spec.label, start, batch)
-                seconds += batch.seconds
-                for k, v in batch.stats.items():
-                    stats[k] = stats.get(k, 0) + v
-                adv_pred[sel] = batch.adv_pred.to(dev)
-                fooled[sel] = batch.fooled.to(dev)
-                dist[sel] = batch.dist.to(dev)
-                if on_progress is not None:
-                    on_progress(threat, spec.label, min(start + batch_size, n_todo), n_todo)
-            atk.on_step = None
-            per_attack[spec.label] = AttackResult(spec.label, spec.name, atk.config(), adv_pred.cpu(),
-                                                  fooled.cpu(), dist.cpu(), seconds, stats)
-        threat_results.append(ThreatResult(threat, per_attack, correct.cpu()))
+        journal.total = len(threat_list) * len(specs) * len(attacked.starts)
+    threat_results = [ThreatResult(t, {s.label: attacked.run(built[(t, s.label)], s, t) for s in specs}, correct.cpu())
+                      for t in threat_list]
     return EvalResult(ids.cpu(), y.cpu(), clean_pred.cpu(), threat_results, seed, str(dev))
+
+
+@dataclass
+class _Attacked:
+    """The clean-correct samples of an evaluation (``todo``: their positions in x), attacked batch by
+    batch by one attack after the other; batches come from the journal when it holds them."""
+
+    model: Any
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: torch.Tensor
+    todo: torch.Tensor
+    batch_size: int
+    journal: Optional[Journal]
+    on_progress: Optional[ProgressFn]
+
+    @property
+    def starts(self) -> range:
+        return range(0, int(self.todo.numel()), self.batch_size)
+
+    def run(self, atk, spec, threat: ThreatModel) -> AttackResult:
+        """Attack every batch with ``atk`` (the attack of ``spec`` under ``threat``); per-sample results
+        for all N samples (the clean-misclassified ones unattacked)."""
+        n, n_todo, dev = self.x.shape[0], int(self.todo.numel()), self.x.device
+        adv_pred = torch.full((n,), -1, dtype=torch.long, device=dev)
+        fooled = torch.zeros(n, dtype=torch.bool, device=dev)
+        dist = torch.full((n,), math.nan, dtype=torch.float32, device=dev)
+        seconds, stats = 0.0, {}
+        self._progress(threat, spec.label, 0)
+        for start in self.starts:
+            sel = self.todo[start:start + self.batch_size]
+            batch = self._batch(atk, spec.label, threat, start, sel)
+            seconds += batch.seconds
+            for k, v in batch.stats.items():
+                stats[k] = stats.get(k, 0) + v
+            adv_pred[sel], fooled[sel], dist[sel] = batch.adv_pred.to(dev), batch.fooled.to(dev), batch.dist.to(dev)
+            self._progress(threat, spec.label, min(start + self.batch_size, n_todo))
+        atk.on_step = None
+        return AttackResult(spec.label, spec.name, atk.config(), adv_pred.cpu(), fooled.cpu(), dist.cpu(), seconds,
+                            stats)
+
+    def _batch(self, atk, label: str, threat: ThreatModel, start: int, sel: torch.Tensor) -> BatchResult:
+        """The batch at ``start``: loaded from the journal when saved there, else attacked (and saved)."""
+        journal = self.journal
+        if journal is not None and journal.done(threat, label, start):
+            batch = journal.load(threat, label, start)
+            _check_saved_batch(batch, self.ids[sel], journal.path(threat, label, start))
+            return batch
+        if self.on_progress is not None:
+            atk.on_step = _BatchProgress(self.on_progress, threat, label, start, len(sel), int(self.todo.numel()))
+        batch = _attack_batch(self.model, atk, label, threat, (self.x[sel], self.y[sel], self.ids[sel]),
+                              self.batch_size)
+        if journal is not None:
+            journal.record(threat, label, start, batch)
+        return batch
+
+    def _progress(self, threat: ThreatModel, label: str, done: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(threat, label, done, int(self.todo.numel()))
 
 
 def _attack_batch(model, atk, label: str, threat: ThreatModel, batch, predict_batch_size: int) -> BatchResult:

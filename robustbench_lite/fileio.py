@@ -3,6 +3,7 @@ fsync, rename), and files shared by concurrent runs are guarded by an advisory l
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 import time
@@ -85,8 +86,6 @@ def locked(path: PathLike, timeout: Optional[float] = None,
     lock is held by another process on arrival (e.g. to say that this one waits). A process that holds
     the lock may take it again (nested blocks). The lock file is removed on release; a process that
     locked a file removed meanwhile sees that (the path names another inode, or none) and retries."""
-    import fcntl
-
     lock_path = Path(str(path) + ".lock")
     key = os.path.abspath(lock_path)
     if key in _HELD:  # already ours

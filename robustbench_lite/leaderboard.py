@@ -32,13 +32,18 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
+import pandas as pd
+import yaml
+
+from . import __version__
 from .errors import AdvbenchError
 from .fileio import atomic_write, atomic_write_text, ensure_dir, locked, not_a_file
-from .threat import format_eps
+from .runtime import pct
+from .specs import WORST_CASE
+from .threat import check_norm, format_eps
 
 CSV_NAME = "leaderboard.csv"
 MD_NAME = "leaderboard.md"
-WORST_CASE = "worst-case"
 
 COLUMNS = [
     "run_id", "timestamp", "model", "checkpoint", "checkpoint_sha256", "dataset", "dataset_sha256", "n_examples",
@@ -74,8 +79,6 @@ def create_run_dir(results_dir) -> tuple:
 
 def write_run_files(run_dir, config: Mapping[str, Any], summary: Mapping[str, Any],
                     outcomes: Sequence[Mapping[str, Any]]) -> None:
-    import yaml
-
     run_dir = Path(run_dir)
     try:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(jsonable(config), sort_keys=False))
@@ -156,8 +159,6 @@ def md_path(results_dir) -> Path:
 def read(results_dir):
     """The leaderboard as a DataFrame of strings (empty if there is none yet); a corrupt CSV is an
     AdvbenchError naming the file."""
-    import pandas as pd
-
     path = csv_path(results_dir)
     if not path.is_file():
         return pd.DataFrame(columns=COLUMNS, dtype=str)
@@ -212,8 +213,6 @@ def _check_complete_rows(path: Path, final_newline: bool = False) -> None:
 
 def append(results_dir, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Append rows to leaderboard.csv atomically under the lock, then re-render leaderboard.md."""
-    import pandas as pd
-
     rows = [dict(r) for r in rows]
     results_dir = ensure_dir(results_dir)
     path, md = csv_path(results_dir), md_path(results_dir)
@@ -261,10 +260,6 @@ def _restore(path: Path, old) -> None:
 
 # --- filtering and rendering ---------------------------------------------------------------------
 def filter_rows(df, dataset: Optional[str] = None, norm: Optional[str] = None, eps: Optional[float] = None):
-    import pandas as pd
-
-    from .threat import check_norm
-
     out = df
     if dataset:
         out = out[out["dataset"].str.lower() == dataset.strip().lower()]
@@ -282,14 +277,6 @@ def _attack_order(labels: Iterable[str]) -> List[str]:
     return known + [a for a in labels if a not in known and a != WORST_CASE]
 
 
-def _pct(v) -> str:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return "–"
-    return "–" if math.isnan(f) else f"{100 * f:.2f}"
-
-
 SHA_SHOWN = 12  # hex digits of checkpoint_sha256 shown (and grouped by: old rows hold shorter hashes)
 SELECTION_RULE = ("One row per model entry (model, checkpoint, defense, activation): of its runs at this threat "
                   "model, the one with the lowest worst-case robust accuracy (the strongest evaluation, as "
@@ -300,8 +287,6 @@ SELECTION_RULE = ("One row per model entry (model, checkpoint, defense, activati
 def _strongest_runs(g):
     """run_id per model entry of one section: the run with the lowest worst case (its worst-case row,
     else its lowest attack), ties broken by more examples, then the latest."""
-    import pandas as pd
-
     per_run = []
     for run_id, r in g.groupby("run_id", sort=False):
         wc = r.loc[r["attack"] == WORST_CASE, "_robust"]
@@ -320,8 +305,6 @@ def table(df):
     """The leaderboard as a list of sections: (title, DataFrame) with one row per model entry (its
     strongest run: SELECTION_RULE), columns clean / attacks / worst case (fractions), sorted by
     worst case."""
-    import pandas as pd
-
     if df.empty:
         return []
     d = df.copy()
@@ -373,7 +356,7 @@ def render_markdown(df) -> str:
         for i, row in t.iterrows():
             cells = [str(i + 1), str(row["model"]), str(row["defense"]), str(row["activation"]),
                      f"`{row['checkpoint']}`" if row["checkpoint"] != "–" else "–", str(row["n"])]
-            cells += [_pct(row[c]) for c in acc_cols]
+            cells += [pct(row[c], unit="") for c in acc_cols]
             cells.append(f"`{row['run']}`")
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
@@ -409,8 +392,6 @@ def render_csv(df) -> str:
 
 
 def version() -> str:
-    from . import __version__
-
     return __version__
 
 

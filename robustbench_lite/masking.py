@@ -28,6 +28,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+import attacks
+from attacks import attack_mode
+from attacks.losses import margin
+
+from .runtime import pct
 from .threat import ThreatModel, format_eps
 
 EPS_TOLERANCE = 0.01        # robust accuracy may rise by this much with eps (attack noise)
@@ -53,10 +58,6 @@ class MaskingWarning:
         return asdict(self)
 
 
-def _pct(v: float) -> str:
-    return f"{100 * v:.1f}%"
-
-
 def check_results(result) -> List[MaskingWarning]:
     """The checks that need only an EvalResult: eps monotonicity and iterative vs FGSM."""
     out: List[MaskingWarning] = []
@@ -73,8 +74,8 @@ def check_results(result) -> List[MaskingWarning]:
                     what = lab or "the worst case"
                     out.append(MaskingWarning(
                         "eps-monotonic",
-                        f"robust accuracy under {what} rises with eps ({norm}): {_pct(a0)} at eps={format_eps(e0)} "
-                        f"-> {_pct(a1)} at eps={format_eps(e1)}",
+                        f"robust accuracy under {what} rises with eps ({norm}): {pct(a0, 1)} at eps={format_eps(e0)} "
+                        f"-> {pct(a1, 1)} at eps={format_eps(e1)}",
                         f"{norm} eps={format_eps(e1)}", a1 - a0))
     for t in result.threats:
         fgsm = [lab for lab, r in t.attacks.items() if r.name == "fgsm"]
@@ -86,7 +87,7 @@ def check_results(result) -> List[MaskingWarning]:
                 out.append(MaskingWarning(
                     "weaker-than-fgsm",
                     f"iterative attack {lab} is weaker than FGSM under {t.threat}: robust accuracy "
-                    f"{_pct(t.robust_acc(lab))} vs FGSM {_pct(a_fgsm)}", str(t.threat), t.robust_acc(lab) - a_fgsm))
+                    f"{pct(t.robust_acc(lab), 1)} vs FGSM {pct(a_fgsm, 1)}", str(t.threat), t.robust_acc(lab) - a_fgsm))
     return out
 
 
@@ -100,10 +101,6 @@ def check_model(model, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tenso
     """The checks that query the model on (x, y) (already a small subset of clean-correct samples):
     random outputs, zero / NaN input gradients, unbounded PGD per norm, FGSM vs iterative attacks
     when the run had no FGSM."""
-    import attacks
-    from attacks import attack_mode
-    from attacks.losses import margin
-
     out: List[MaskingWarning] = []
     if x.shape[0] == 0:
         return out
@@ -140,7 +137,7 @@ def check_model(model, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tenso
         acc = float(_accuracy(model, atk(model, x, y, sample_ids=sample_ids), y).float().mean())
         if acc > UNBOUNDED_MAX_ACC:
             out.append(MaskingWarning("unbounded-pgd", f"PGD-{UNBOUNDED_STEPS} with an unbounded budget ({th}) leaves "
-                                      f"{_pct(acc)} accuracy on {len(y)} samples; it should reach ~0%",
+                                      f"{pct(acc, 1)} accuracy on {len(y)} samples; it should reach ~0%",
                                       str(th), acc))
 
     if result is not None:  # iterative vs FGSM on the subset, when the run had no FGSM
@@ -159,7 +156,7 @@ def check_model(model, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tenso
                 if a > a_fgsm + FGSM_TOLERANCE:
                     out.append(MaskingWarning(
                         "weaker-than-fgsm", f"iterative attack {lab} is weaker than FGSM under {t.threat} on "
-                        f"{len(rows)} samples: robust accuracy {_pct(a)} vs FGSM {_pct(a_fgsm)}",
+                        f"{len(rows)} samples: robust accuracy {pct(a, 1)} vs FGSM {pct(a_fgsm, 1)}",
                         str(t.threat), a - a_fgsm))
     return out
 

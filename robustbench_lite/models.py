@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from defenses.activations import ACTIVATIONS
 
-from .errors import AdvbenchError
+from .errors import AdvbenchError, SettingError
 from .registry import Registry, suggest
 
 MODELS = Registry("model", entry_point_group="advbench.models")
@@ -27,8 +27,8 @@ def activation_factory(name: str = "relu", smooth_backward: Optional[str] = None
     if smooth_backward:
         ACTIVATIONS.canonical(smooth_backward)
         if key != "relu":
-            raise AdvbenchError(f"--smooth-backward keeps ReLU in the forward pass; it cannot be combined "
-                                f"with --activation {name}")
+            raise SettingError(f"{{smooth_backward}} keeps ReLU in the forward pass; it cannot be combined "
+                               f"with {{activation}} {name}", "smooth_backward", "activation")
         return lambda: ACTIVATIONS.create("relu", smooth_backward=smooth_backward)
     return lambda: ACTIVATIONS.create(key)
 

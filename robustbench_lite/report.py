@@ -27,8 +27,18 @@ import platform
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
+import torch
+import yaml
+
+from .checkpoint import model_from_checkpoint
+from .data import load_dataset
 from .errors import AdvbenchError
-from .runs import matching_run_ids, run_ids
+from .fileio import atomic_write_text, ensure_dir, not_a_file
+from .leaderboard import version
+from .runfolder import matching_run_ids, run_ids
+from .runtime import pct
+from .specs import ATTACK_SUITES, AttackSpec
 from .threat import ThreatModel, format_eps
 
 
@@ -59,8 +69,6 @@ def run_dir(run_id: str, results_dir="results") -> Path:
 
 
 def load_run(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    import yaml
-
     try:
         config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
         summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
@@ -71,10 +79,6 @@ def load_run(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     if not (path / "outcomes.csv").is_file():
         raise AdvbenchError(f"run {path} is incomplete: {path / 'outcomes.csv'} (its per-sample outcomes) is missing")
     return config, summary
-
-
-def _pct(v: Optional[float]) -> str:
-    return "–" if v is None else f"{100 * v:.2f}%"
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -122,12 +126,6 @@ def adversarial_examples(config: Dict[str, Any], summary: Dict[str, Any], run_pa
                          device: str = "cpu"):
     """Re-run the run's strongest attack on ``n`` clean-correct samples (fooled ones first).
     Returns dict(x, x_adv, y, clean_pred, adv_pred, ids, label, threat)."""
-    import torch
-
-    from .checkpoint import model_from_checkpoint
-    from .data import load_dataset
-    from .evaluator import AttackSpec
-
     ckpt = config.get("checkpoint")
     if not ckpt or not Path(ckpt).is_file():
         raise AdvbenchError(f"checkpoint {ckpt!r} of the run is not there: cannot re-run the attack for the examples")
@@ -228,9 +226,7 @@ def plot_training(path, out: Path) -> Path:
     for k, v in cols.items():
         adv = "adv" in k
         ax.plot(ep, [100 * a for a in v], marker="o", linestyle="--" if adv else "-", label=k)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-2, 102)
@@ -245,25 +241,13 @@ def plot_training(path, out: Path) -> Path:
 
 # --- RobustBench-style JSON -------------------------------------------------------------------------
 def _versions() -> Dict[str, str]:
-    import torch
-
-    from .leaderboard import version
-
-    out = {"advbench": version(), "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import numpy
-
-        out["numpy"] = numpy.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return out
+    return {"advbench": version(), "torch": torch.__version__, "python": platform.python_version(),
+            "numpy": np.__version__}
 
 
 def autoattack_like(config: Dict[str, Any]) -> bool:
     """Whether a run's attacks are the AutoAttack-style suite (`--suite standard`: APGD-CE and APGD-T
     with at least its iterations), the only case its worst case may be called ``autoattack_acc``."""
-    from .suite import ATTACK_SUITES
-
     need = {a["name"]: a.get("steps", 0) for a in ATTACK_SUITES["standard"]}
     got: Dict[str, int] = {}
     for a in config.get("attacks", []):
@@ -329,8 +313,6 @@ def write_report(run_id: str, results_dir="results", training_csv=None, robustbe
     """Write the plots, robustbench.json and report.md into the run folder; returns
     {"run_dir", "files", "notes"}. Every destination is checked first, and a write that fails all the
     same (a full disk, a read-only folder) is an AdvbenchError naming the file."""
-    from .fileio import ensure_dir, not_a_file
-
     path = run_dir(run_id, results_dir)
     config, summary = load_run(path)
     tcsv = Path(training_csv) if training_csv else _training_csv_for(config)
@@ -351,8 +333,6 @@ REPORT_FILES = ("robustness_curve.png", "examples.png", "training_curves.png", "
 
 def _write_report(path: Path, config: Dict[str, Any], summary: Dict[str, Any], tcsv: Optional[Path],
                   robustbench_json, n_images: int, device: str) -> Dict[str, Any]:
-    from .fileio import atomic_write_text
-
     files: List[Path] = []
     notes: List[str] = []
     files.append(plot_robustness_curve(summary, path / "robustness_curve.png"))
@@ -379,7 +359,7 @@ def _write_report(path: Path, config: Dict[str, Any], summary: Dict[str, Any], t
              f"(sha256 {config.get('checkpoint_sha256')})",
              f"- dataset: {config.get('dataset')} test split, n={summary.get('n_examples')}, "
              f"seed {config.get('seed')}, device {config.get('device')}, advbench {config.get('version')}",
-             f"- clean accuracy: **{_pct(summary.get('clean_acc'))}**", ""]
+             f"- clean accuracy: **{pct(summary.get('clean_acc'))}**", ""]
     warns = summary.get("warnings") or []
     if warns:
         lines += ["## Gradient-masking warnings", ""] + [f"- ⚠ {w}" for w in warns] + [""]
@@ -391,8 +371,8 @@ def _write_report(path: Path, config: Dict[str, Any], summary: Dict[str, Any], t
     lines.append("|---|" + "---:|" * (len(labels) + 1))
     for t in summary["threats"]:
         lines.append(f"| {t['norm']} {t.get('eps_label') or format_eps(t['eps'])} | " +
-                     " | ".join(_pct(t["attacks"][lab]["robust_acc"]) for lab in labels) +
-                     f" | **{_pct(t['worst_case']['robust_acc'])}** |")
+                     " | ".join(pct(t["attacks"][lab]["robust_acc"]) for lab in labels) +
+                     f" | **{pct(t['worst_case']['robust_acc'])}** |")
     t0 = summary["threats"][0]
     lines += ["", "## Attacks", "", f"Settings as resolved at {t0['norm']} eps={t0.get('eps_label') or t0['eps']} "
               f"(step sizes scale with eps):", ""]

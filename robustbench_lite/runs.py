@@ -1,227 +1,531 @@
-"""A run folder's life cycle, and resuming interrupted runs and suites.
+"""Runs: the only code that both evaluates and records, or trains and then evaluates.
 
-``<results>/runs/<run_id>/`` is created when the evaluation starts:
+An *evaluation run* (``execute_run``; `advbench attack`, each model of `advbench run SUITE`)
+evaluates one model (a checkpoint, or the zoo baseline) on a dataset under threat models x
+attacks and records it: ``<results>/runs/<run_id>/`` (runfolder.RunFolder, journaled batch by
+batch so that an interrupted run resumes) and rows in the leaderboard. Its steps:
 
-    config.yaml    the run's configuration, written first
-    state.json     {"status": "running"} while the run is unfinished
-    batches/       one file per finished (threat, attack, batch) (evaluator.Journal)
+    check the settings and the destinations        (RunSpec, before anything expensive)
+    load the data and the model                    (zoo.load_model: a baseline may be trained first)
+    open the run folder                            (fresh, or the one being resumed)
+    evaluate, then the gradient-masking checks     (evaluator.evaluate, masking.check_run)
+    record: run files, then the leaderboard rows   (all or nothing)
 
-and when the run is recorded, summary.json and outcomes.csv are added (config.yaml rewritten with
-the final flags), its rows go to the leaderboard, then state.json and batches/ are removed. A run
-is complete when the leaderboard holds its rows (the record is all or nothing); any other run
-folder is unfinished and can be resumed (`advbench attack ... --resume RUN_ID`): the stored
-configuration must match the command's (RESUME_KEYS), the saved batches are loaded, the others
-attacked, and the run is recorded as an uninterrupted one would be.
+A *robust-training run* (``run_robust_training``; `advbench train-robust`) trains with a defense
+(training.train) and then evaluates the last and the best checkpoints with PGD as evaluation runs.
 
-Suites (`advbench run SUITE --resume`): each run of a suite stores ``suite_entry`` in its
-config.yaml: the suite file's identity (resolved path and content hash, so an edited suite starts
-afresh) and the model's position; the newest run with that entry is the model's run.
+Everything a run says goes through a runtime.Narrator (the CLI's consoles, or silence).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .errors import AdvbenchError
-from .evaluator import Journal
-from .fileio import atomic_write_text
+import torch
 
-STATE_NAME = "state.json"
-CONFIG_NAME = "config.yaml"
-BATCHES_NAME = "batches"
-# what must be equal for a resumed run to give the uninterrupted run's numbers
-RESUME_KEYS = ("model", "checkpoint_sha256", "dataset", "dataset_sha256", "split", "n_examples", "seed",
-               "batch_size", "threats", "attacks")
+from defenses.methods import METHODS, AdversarialMethod, Mix, TRADES
 
-
-class RunInterrupted(KeyboardInterrupt):
-    """An evaluation stopped by Ctrl-C or SIGTERM (the cause): what of it was saved."""
-
-    def __init__(self, run_id: str, saved: int, total: Optional[int]):
-        super().__init__(run_id)
-        self.run_id, self.saved, self.total = run_id, saved, total
-
-    def kept(self) -> str:
-        if self.total is None:
-            return f"run {self.run_id} has no saved batches"
-        return f"{self.saved} of {self.total} batches of run {self.run_id} are saved"
+from . import distributed, leaderboard, masking
+from .checkpoint import file_sha256, read_checkpoint
+from .data import DATASETS, DEFAULT_DATASET, check_n_examples, load_dataset
+from .errors import AdvbenchError, SettingError
+from .evaluator import EvalResult, evaluate
+from .fileio import ensure_dir
+from .models import MODELS, activation_factory
+from .runfolder import RunFolder, RunInterrupted
+from .runtime import (SILENT, AttackBars, FastPaths, Narrator, check_positive, check_seed, env_rank,
+                      resolve_device)
+from .specs import AttackSpec, build_attacks
+from .threat import ThreatModel, check_norm, format_eps, parse_eps
+from .training import RobustValidation, TrainConfig, TrainResult, train
+from .zoo import load_model, zoo_path
 
 
-def _plain(obj: Any) -> Any:
-    """``obj`` as config.yaml stores it (so that a stored and a fresh configuration compare)."""
-    import yaml
+# --- an evaluation run ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSpec:
+    """One evaluation run, checked when built (names, counts, the attacks for every threat model, the
+    device): nothing expensive happens before these checks pass."""
 
-    from .leaderboard import jsonable
+    model: Optional[str] = None
+    checkpoint: Optional[str] = None
+    dataset: Optional[str] = None           # None: the checkpoint's dataset, else data.DEFAULT_DATASET
+    threats: Tuple[ThreatModel, ...] = ()
+    attacks: Tuple[AttackSpec, ...] = ()
+    n_examples: Optional[int] = 1000        # None: the whole test split
+    batch_size: int = 256
+    device: str = "auto"
+    seed: int = 0
+    results_dir: str = "results"
+    data_dir: Optional[str] = None
+    download: bool = False
+    fast: FastPaths = FastPaths()           # channels_last, compile (amp is an attack setting: AttackSpec params)
+    source: str = "advbench attack"         # what started the run (recorded in config.yaml)
+    flags: Tuple[str, ...] = ()
+    masking_checks: bool = True             # gradient-masking checks after the evaluation (masking.py)
+    resume: Optional[str] = None            # id (or unique prefix) of an unfinished run to continue (runfolder.py)
+    suite_entry: str = ""                   # "<suite key>:<model index>" for a suite's run (runfolder.py)
 
-    return yaml.safe_load(yaml.safe_dump(jsonable(obj), sort_keys=False))
+    def __post_init__(self):
+        for name in ("threats", "attacks", "flags"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_seed(self.seed)
+        if not self.model and not self.checkpoint:
+            raise SettingError("give {model} (the zoo baseline is used) or {checkpoint}", "model", "checkpoint")
+        if self.model:
+            MODELS.canonical(self.model)
+        if self.dataset:
+            DATASETS.canonical(self.dataset)
+        if self.checkpoint and not Path(self.checkpoint).is_file():
+            raise AdvbenchError(f"checkpoint not found: {self.checkpoint}")
+        if not self.threats:
+            raise AdvbenchError("no threat model given")
+        if not self.attacks:
+            raise AdvbenchError("no attacks given")
+        check_positive("batch_size", self.batch_size)
+        check_positive("n_examples", self.n_examples)
+        build_attacks(self.attacks, self.threats, self.seed)
+        resolve_device(self.device)
 
-
-def first_difference(a: Any, b: Any, path: str) -> Optional[str]:
-    """The dotted path of the first place where ``a`` and ``b`` differ (None if equal)."""
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        for k in list(a) + [k for k in b if k not in a]:
-            d = first_difference(a.get(k), b.get(k), f"{path}.{k}")
-            if d:
-                return d
-        return None
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
-            d = first_difference(x, y, f"{path}[{i}]")
-            if d:
-                return d
-        return None
-    return None if a == b else path
-
-
-def _short(v: Any) -> str:
-    text = json.dumps(v) if not isinstance(v, str) else repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _lookup(obj: Any, path: str) -> Any:
-    import re
-
-    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
-        if obj is None:
-            return None
-        obj = obj.get(name) if name else (obj[int(index)] if int(index) < len(obj) else None)
-    return obj
-
-
-def run_ids(results_dir) -> List[str]:
-    """The ids of the run folders under ``<results>/runs``, oldest first (run ids sort by time)."""
-    runs = Path(results_dir) / "runs"
-    return sorted(p.name for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
-
-
-def matching_run_ids(results_dir, prefix: str) -> List[str]:
-    """``[prefix]`` when it is a run id, else the run ids that start with it (none for an empty one)."""
-    known = run_ids(results_dir)
-    prefix = str(prefix).strip()
-    return [k for k in known if k == prefix] or [k for k in known if prefix and k.startswith(prefix)]
+    def dataset_reason(self, dataset: str, narrator: Narrator = SILENT) -> str:
+        """Why the run evaluates on ``dataset``: the first line of a run says it, since a model name
+        alone means the default, MNIST-like mnist-5k, whatever the architecture."""
+        if self.dataset:
+            return f"given with {narrator.setting('dataset')}"
+        if self.checkpoint and dataset != DEFAULT_DATASET:
+            return "the checkpoint's dataset"
+        if self.checkpoint:
+            return f"the checkpoint's dataset, or the default {DEFAULT_DATASET} when it names none"
+        return (f"the default: no {narrator.setting('dataset')} given and no checkpoint naming one; "
+                f"{narrator.help_hint}")
 
 
 @dataclass
-class RunFolder:
-    """``<results>/runs/<run_id>/`` (see the module docstring)."""
-
-    results_dir: Path
+class RunRecord:
     run_id: str
-    path: Path
+    run_dir: Path
+    result: EvalResult
+    info: Dict[str, Any]
 
-    @classmethod
-    def create(cls, results_dir, config: Dict[str, Any]) -> "RunFolder":
-        """A fresh run folder with config.yaml (its ``run_id`` filled in) and state running."""
-        from . import leaderboard
-
-        run_id, path = leaderboard.create_run_dir(results_dir)
-        folder = cls(Path(results_dir), run_id, path)
-        config["run_id"] = run_id
-        folder.write_config(config)
-        folder._write_state("running")
-        return folder
-
-    @classmethod
-    def find(cls, results_dir, prefix: str) -> "RunFolder":
-        """The run whose id is ``prefix`` or starts with it (unique); an AdvbenchError otherwise."""
-        runs = Path(results_dir) / "runs"
-        prefix = str(prefix).strip()
-        matches = matching_run_ids(results_dir, prefix)
-        if not matches:
-            raise AdvbenchError(f"--resume {prefix}: no run {prefix!r} in {runs}")
-        if len(matches) > 1:
-            raise AdvbenchError(f"--resume {prefix} is ambiguous: it matches {len(matches)} runs in {runs} "
-                                f"({', '.join(matches[:6])}{', ...' if len(matches) > 6 else ''})")
-        return cls(Path(results_dir), matches[0], runs / matches[0])
-
-    def is_complete(self) -> bool:
-        from . import leaderboard
-
-        return self.run_id in set(leaderboard.read(self.results_dir)["run_id"])
-
-    def check_resumable(self) -> None:
-        if self.is_complete():
-            raise AdvbenchError(f"run {self.run_id} is complete (its results are in the leaderboard): nothing to "
-                                f"resume")
-        if not (self.path / CONFIG_NAME).is_file():
-            raise AdvbenchError(f"run {self.run_id} has no {CONFIG_NAME}: it cannot be resumed")
-
-    def stored_config(self) -> Dict[str, Any]:
-        import yaml
-
-        p = self.path / CONFIG_NAME
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise AdvbenchError(f"cannot read {p}: {' '.join(str(exc).split())}") from None
-        if not isinstance(data, dict):
-            raise AdvbenchError(f"{p} is not a run configuration")
-        return data
-
-    def check_config(self, config: Mapping[str, Any]) -> None:
-        """The command's configuration must match the stored one on RESUME_KEYS; the error names
-        the first key that differs."""
-        stored = self.stored_config()
-        mine = _plain({k: config.get(k) for k in RESUME_KEYS})
-        theirs = {k: stored.get(k) for k in RESUME_KEYS}
-        diff = first_difference(mine, theirs, "")
-        if diff:
-            key = diff.lstrip(".")
-            raise AdvbenchError(f"cannot resume run {self.run_id}: {key} is {_short(_lookup(theirs, diff))} in the "
-                                f"run but {_short(_lookup(mine, diff))} in this command (resume with the run's "
-                                f"options, see {self.path / CONFIG_NAME})")
-
-    def write_config(self, config: Mapping[str, Any]) -> None:
-        import yaml
-
-        from .leaderboard import jsonable
-
-        try:
-            atomic_write_text(self.path / CONFIG_NAME, yaml.safe_dump(jsonable(config), sort_keys=False))
-        except OSError as exc:
-            raise AdvbenchError(f"cannot write run files in {self.path}: {exc.strerror or exc}") from None
-
-    def _write_state(self, status: str) -> None:
-        try:
-            atomic_write_text(self.path / STATE_NAME, json.dumps({"status": status, "run_id": self.run_id}) + "\n")
-        except OSError as exc:
-            raise AdvbenchError(f"cannot write run files in {self.path}: {exc.strerror or exc}") from None
-
-    def journal(self) -> Journal:
-        return Journal(self.path / BATCHES_NAME)
-
-    def finish(self) -> None:
-        """The run is recorded: drop what only resuming needed."""
-        shutil.rmtree(self.path / BATCHES_NAME, ignore_errors=True)
-        (self.path / STATE_NAME).unlink(missing_ok=True)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+    def summary(self) -> Dict[str, Any]:
+        keep = ("model", "checkpoint", "checkpoint_sha256", "dataset", "dataset_sha256", "defense", "activation",
+                "version", "warnings")
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir), **{k: self.info.get(k) for k in keep},
+                **self.result.summary()}
 
 
-# --- suites ----------------------------------------------------------------------------------------
-def suite_key(suite_path) -> str:
-    """A suite file's identity: its resolved path and content (an edited suite starts afresh)."""
-    p = Path(suite_path).resolve()
+def execute_run(spec: RunSpec, narrator: Narrator = Narrator()) -> RunRecord:
+    """Load the model and data, evaluate, write the run folder and append to the leaderboard.
+
+    The run folder is created when the evaluation starts and every finished batch is saved in it
+    (runfolder.py); ``spec.resume`` continues an unfinished run instead. Ctrl-C / SIGTERM during the
+    evaluation raise runfolder.RunInterrupted."""
+    check_destinations(spec.results_dir)
+    resumed = _resumed_folder(spec)
+    device = resolve_device(spec.device)
+    ctx = distributed.init(device)  # under torchrun: one process per device, each attacks its shard
+    if resumed is not None and ctx.enabled:
+        raise SettingError(f"{{resume}} {spec.resume}: evaluations under torchrun are not "
+                           f"journaled; resume run {resumed.run_id} in one process", "resume")
+    device = distributed.local_device(device)
+    narrator = narrator.quieter(not ctx.is_main)
+    # a missing zoo baseline is trained by all ranks together (DDP; rank 0 writes it)
+    model, ds, info = _load(spec, device, narrator)
+    model = spec.fast.accelerate(model, device)
+    data, n_total = _test_data(spec, ds, ctx)
+    where = f"{ctx.world_size} x {device.type} (DDP)" if ctx.enabled else str(device)
+    narrator.say(f"attacking {info['model']} ({info['checkpoint']}) on {n_total} {info['dataset']} test images "
+                 f"({spec.dataset_reason(info['dataset'], narrator)}): {', '.join(a.label for a in spec.attacks)} "
+                 f"x {', '.join(str(t) for t in spec.threats)} on {where}")
+    config = _run_config(spec, info, n_total, device, ctx)
+    folder = _open_folder(spec, config, info, resumed, ctx, narrator)
+    journal = folder.journal() if folder is not None and not ctx.enabled else None  # DDP: no journal
     try:
-        content = p.read_bytes()
-    except OSError as exc:
-        raise AdvbenchError(f"cannot read suite {p}: {exc.strerror or exc}") from None
-    return hashlib.sha256(str(p).encode() + b"\0" + content).hexdigest()[:16]
+        result, warnings = _evaluate(spec, model, data, device, ctx, journal, narrator)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (the CLI's handler raises a KeyboardInterrupt)
+        if folder is None:
+            raise
+        raise RunInterrupted(folder.run_id, journal.count() if journal else 0,
+                             journal.total if journal else None) from exc
+    except AdvbenchError:
+        if folder is not None and resumed is None:
+            folder.discard()  # a fresh run that failed leaves nothing behind
+        raise
+    if not ctx.is_main:
+        return RunRecord("", Path(spec.results_dir), result, info)  # only rank 0 writes
+    budget = [w for w in (t.atypical(data[0].shape[1:], info["dataset"]) for t in spec.threats) if w]
+    for w in budget:  # on stderr: the run's output stays a table or JSON
+        narrator.notice(f"warning: {w}")
+    return _record(spec, folder, resumed is not None, config, info, result, warnings, bool(budget))
 
 
-def latest_suite_run(results_dir, entry: str) -> Optional[RunFolder]:
-    """The newest run folder whose config.yaml has ``suite_entry: entry`` (None if there is none)."""
-    for run_id in reversed(run_ids(results_dir)):  # newest first
-        p = Path(results_dir) / "runs" / run_id
-        folder = RunFolder(Path(results_dir), run_id, p)
+def check_destinations(results_dir: str) -> None:
+    """Everything a run records into can take it, checked before any work: the results dir is
+    writable, its leaderboard is readable (the append refuses a corrupt one) and neither
+    leaderboard.csv nor leaderboard.md is a directory."""
+    ensure_dir(results_dir)
+    leaderboard.read(results_dir)
+    leaderboard.check_writable(results_dir)
+
+
+def _resumed_folder(spec: RunSpec) -> Optional[RunFolder]:
+    if not spec.resume:
+        return None
+    folder = RunFolder.find(spec.results_dir, spec.resume)
+    folder.check_resumable()
+    return folder
+
+
+def _load(spec: RunSpec, device: torch.device, narrator: Narrator):
+    """(model, dataset, info): the data is loaded and checked against the run's settings (n_examples
+    within the test split, no L2 eps beyond any image distance) before a model is loaded or a
+    baseline trained; a baseline about to be trained is announced with the dataset and why."""
+    ckpt = read_checkpoint(spec.checkpoint) if spec.checkpoint else {}
+    ds = load_dataset(spec.dataset or ckpt.get("dataset") or DEFAULT_DATASET, data_dir=spec.data_dir,
+                      download=spec.download)
+    check_n_examples(spec.n_examples, len(ds.y_test), f"the test split of {ds.name}")
+    for t in spec.threats:
+        t.check_input_shape(ds.input_shape)
+    if not spec.checkpoint and not zoo_path(spec.model, ds).is_file():
+        narrator.say(f"dataset {ds.name} ({spec.dataset_reason(ds.name, narrator)})")
+    model, info = load_model(spec.model, spec.checkpoint, ds, seed=spec.seed, device=str(device), narrator=narrator)
+    return model, ds, info
+
+
+def _test_data(spec: RunSpec, ds, ctx) -> Tuple[Tuple[torch.Tensor, torch.Tensor, torch.Tensor], int]:
+    """((x, y, sample ids) this process attacks, the run's number of examples): the seeded test
+    subset, under torchrun this rank's strided shard of it."""
+    x, y, ids = ds.subset("test", spec.n_examples, spec.seed)
+    x = spec.fast.inputs(x)
+    n_total = len(y)
+    if ctx.enabled:
+        mine = distributed.shard(len(y), ctx)
+        x, y, ids = x[mine], y[mine], ids[mine]
+    return (x, y, ids), n_total
+
+
+def _run_config(spec: RunSpec, info: Dict[str, Any], n_total: int, device, ctx) -> Dict[str, Any]:
+    """The run's config.yaml (written when the evaluation starts; the run id is filled in then).
+    Sets info's timestamp, device, seed and version; moves info's flags into the config's."""
+    if ctx.enabled:
+        info["flags"].append(f"ddp={ctx.world_size}")
+    amps = sorted({str(a.params.get("amp")) for a in spec.attacks if a.params.get("amp")})
+    flags = (info.pop("flags") + list(spec.flags) + [f"amp={a}" for a in amps] + spec.fast.flags()
+             + leaderboard.environment_flags())
+    info.update(timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device), seed=spec.seed,
+                version=leaderboard.version(), flags=";".join(flags))
+    resolved = build_attacks(spec.attacks, spec.threats[:1], spec.seed)
+    return {
+        "run_id": "", "source": spec.source, "timestamp": info["timestamp"], "version": info["version"],
+        "model": info["model"], "checkpoint": info["checkpoint"], "checkpoint_sha256": info["checkpoint_sha256"],
+        "dataset": info["dataset"], "dataset_sha256": info["dataset_sha256"], "split": "test",
+        "n_examples": n_total, "seed": spec.seed, "batch_size": spec.batch_size, "device": str(device),
+        "defense": info["defense"], "activation": info["activation"], "flags": flags,
+        "threats": [{"norm": t.norm, "eps": t.eps, "eps_label": format_eps(t.eps)} for t in spec.threats],
+        "attacks": [{"label": a.label, "name": a.name, "params": dict(a.params),
+                     "resolved": resolved[(spec.threats[0], a.label)].config()} for a in spec.attacks],
+        **({"suite_entry": spec.suite_entry} if spec.suite_entry else {}),
+    }
+
+
+def _open_folder(spec: RunSpec, config: Dict[str, Any], info: Dict[str, Any], resumed: Optional[RunFolder], ctx,
+                 narrator: Narrator) -> Optional[RunFolder]:
+    """The run folder: the resumed one (its stored configuration must match, before any attack: the
+    saved batches are only valid for the same run), else a fresh one (rank 0 only)."""
+    folder = None
+    if resumed is not None:
+        resumed.check_config(config)
+        folder = resumed
+        config["timestamp"] = info["timestamp"] = resumed.stored_config().get("timestamp", info["timestamp"])
+    elif ctx.is_main:
+        folder = RunFolder.create(spec.results_dir, config)
+    if folder is not None:
+        config["run_id"] = info["run_id"] = folder.run_id
+    if resumed is not None:
+        narrator.say(f"resuming run {folder.run_id}: {folder.journal().count()} finished batches saved")
+    return folder
+
+
+def _evaluate(spec: RunSpec, model, data, device, ctx, journal, narrator: Narrator):
+    """(EvalResult of the whole run, masking warnings): the evaluation with its progress bars, the
+    shards merged under torchrun (outcomes are keyed by sample id, so the merge equals a single-process
+    run), then on rank 0 the gradient-masking checks."""
+    x, y, ids = data
+    bars = AttackBars(narrator.progress(unit="samples"))
+    with bars.progress:
+        result = evaluate(model, x, y, spec.attacks, spec.threats, batch_size=spec.batch_size, device=device,
+                          seed=spec.seed, sample_ids=ids, on_progress=bars, journal=journal)
+    if ctx.enabled:
+        result = EvalResult.merge(distributed.all_gather_objects(result))
+    warnings = []
+    if ctx.is_main and spec.masking_checks:
+        warnings = masking.check_run(model, x, y, ids, result, device=device, seed=spec.seed)
+        for w in warnings:
+            narrator.warn(w.message)
+    return result, warnings
+
+
+def _record(spec: RunSpec, folder: RunFolder, resumed: bool, config, info, result: EvalResult, warnings,
+            atypical_eps: bool) -> RunRecord:
+    """Write the run files and append the leaderboard rows (all or nothing: a fresh run that cannot
+    be recorded leaves no folder, a resumed one keeps its saved batches)."""
+    flags = config["flags"] + sorted({w.flag for w in warnings}) + (["atypical-eps"] if atypical_eps else [])
+    config["flags"] = flags
+    info["flags"] = ";".join(flags)
+    info["warnings"] = [w.message for w in warnings]
+    record = RunRecord(folder.run_id, folder.path, result, info)
+    summary = record.summary()
+    summary["checkpoint_metrics"] = info.get("checkpoint_metrics", {})
+    summary["flags"] = flags
+    summary["masking"] = {"checked": spec.masking_checks, "warnings": [w.to_dict() for w in warnings]}
+    try:
+        leaderboard.write_run_files(folder.path, config, summary, result.outcome_rows())
+        leaderboard.append(spec.results_dir, leaderboard.result_rows(result, info))
+    except AdvbenchError:
+        if not resumed:
+            folder.discard()
+        raise
+    folder.finish()
+    return record
+
+
+# --- `advbench train-robust`: method + validation + training + final evaluation -----------------
+@dataclass
+class RobustTrainOptions:
+    """Everything `advbench train-robust` takes (the CLI is a thin wrapper around this)."""
+
+    model: str = "smallcnn"
+    dataset: str = "mnist-5k"
+    data_dir: Optional[str] = None
+    download: bool = False
+    method: str = "pgd-at"
+    eps: Optional[str] = None            # default: default_eps(dataset)
+    norm: str = "linf"
+    steps: Optional[int] = None
+    alpha: Optional[str] = None
+    beta: Optional[float] = None
+    mix_weight: Optional[float] = None
+    bn_mode: str = "eval"
+    eps_warmup: Optional[int] = None     # None: auto_eps_warmup(epochs)
+    activation: str = "relu"
+    smooth_backward: Optional[str] = None
+    swa_start: Optional[int] = None
+    swa_lr: Optional[float] = None
+    ema: Optional[float] = None
+    val_size: int = 500
+    val_steps: int = 10
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.001
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    augment: bool = False
+    seed: int = 0
+    n_train: Optional[int] = None
+    out: Optional[str] = None
+    results_dir: str = "results"
+    resume: bool = False
+    device: str = "auto"
+    evaluate: bool = True
+    eval_steps: int = 20
+    n_eval: Optional[int] = 1000
+    eval_batch_size: int = 500
+    amp: Optional[str] = None            # the CUDA fast paths, as TrainConfig's; the final evaluation takes
+                                         # channels_last and compile but stays float32
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class RobustTrainReport:
+    result: TrainResult
+    threat: Any
+    out: Path
+    best_out: Optional[Path]
+    best_epoch: Optional[int]
+    evaluations: Dict[str, Any] = field(default_factory=dict)   # "final" / "best" -> RunRecord
+    evaluation_skipped: bool = False   # nothing was trained and the leaderboard holds the evaluation already
+
+
+def auto_eps_warmup(epochs: int) -> int:
+    """The default eps ramp: 2 epochs when training for 5 or more, else 1. Without a ramp, PGD-AT of
+    a small CNN at MNIST's eps = 0.3 stays at chance level (3 epochs: 10% test accuracy); with a
+    one-epoch ramp the same 3-epoch run reaches 95.7% test accuracy and 46.2% validation PGD-10."""
+    return 2 if epochs >= 5 else 1
+
+
+def default_eps(ds) -> float:
+    """0.3 for grey-scale datasets (MNIST-like, Madry et al.), 8/255 for colour ones (CIFAR)."""
+    return 0.3 if ds.in_channels == 1 else 8 / 255
+
+
+def build_method(name: str, threat, *, steps: Optional[int] = None, alpha: Optional[float] = None,
+                 beta: Optional[float] = None, mix_weight: Optional[float] = None, bn_mode: str = "eval",
+                 seed: int = 0, eps_warmup: int = 0):
+    """The training method ``name`` with the command line's settings (an AdvbenchError for a
+    setting the method does not have)."""
+    key = METHODS.canonical(name)
+    factory = METHODS.get(key)
+    given = {"--steps": steps, "--alpha": alpha, "--beta": beta, "--mix-weight": mix_weight}
+    if beta is not None and not (isinstance(factory, type) and issubclass(factory, TRADES)):
+        raise AdvbenchError(f"--beta is TRADES' weight; method {key!r} has none")
+    if mix_weight is not None and not (isinstance(factory, type) and issubclass(factory, Mix)):
+        raise AdvbenchError(f"--mix-weight belongs to method 'mix', not {key!r}")
+    if not (isinstance(factory, type) and issubclass(factory, AdversarialMethod)):
+        bad = [k for k, v in given.items() if v is not None] + (["--eps-warmup"] if eps_warmup else [])
+        if bad and key == "standard":
+            raise AdvbenchError(f"method 'standard' has no inner attack: {', '.join(bad)} does not apply")
         try:
-            if (p / CONFIG_NAME).is_file() and folder.stored_config().get("suite_entry") == entry:
-                return folder
-        except AdvbenchError:
-            continue  # not a run folder of ours
-    return None
+            return factory() if key == "standard" else factory(threat=threat, seed=seed)
+        except TypeError as exc:
+            raise AdvbenchError(f"method {key!r} cannot be built with these options ({exc})") from None
+    kw: Dict[str, Any] = dict(steps=steps, alpha=alpha, bn_mode=bn_mode, seed=seed, eps_warmup=eps_warmup)
+    if beta is not None:
+        kw["beta"] = beta
+    if mix_weight is not None:
+        kw["weight"] = mix_weight
+    return factory(threat, **kw)
+
+
+def robust_out_path(opts: RobustTrainOptions, method_name: str) -> Path:
+    """Default checkpoint: the zoo entry MODEL-DATASET-FINGERPRINT-METHOD[-swa|-ema][-ACT].pt (zoo.zoo_path)."""
+    tag = method_name + ("-swa" if opts.swa_start is not None else "") + ("-ema" if opts.ema is not None else "")
+    act = opts.activation if not opts.smooth_backward else f"relu-sb-{opts.smooth_backward}"
+    ds = load_dataset(opts.dataset, data_dir=opts.data_dir, download=opts.download)  # cached: the one trained on
+    return zoo_path(opts.model, ds, tag, act)
+
+
+def evaluate_and_record(checkpoint, threat, *, steps: int = 20, n_examples: Optional[int] = 1000,
+                        dataset: Optional[str] = None, data_dir: Optional[str] = None, download: bool = False,
+                        batch_size: int = 500, device: str = "auto", seed: int = 0, results_dir: str = "results",
+                        flags=(), narrator: Narrator = SILENT, fast: FastPaths = FastPaths()):
+    """PGD-``steps`` evaluation of a checkpoint on the test split, recorded in the leaderboard with
+    the checkpoint's defense and activation (one evaluation run)."""
+    spec = RunSpec(checkpoint=str(checkpoint), dataset=dataset, threats=[threat],
+                   attacks=[AttackSpec("pgd", {"steps": int(steps)}, "pgd")], n_examples=n_examples,
+                   batch_size=batch_size, device=device, seed=seed, results_dir=results_dir, data_dir=data_dir,
+                   download=download, source="advbench train-robust", flags=tuple(flags), fast=fast)
+    return execute_run(spec, narrator)
+
+
+def _final_eval_recorded(checkpoint: Path, results_dir: str) -> bool:
+    """Whether the leaderboard already holds this checkpoint's final evaluation (a resume after a
+    kill during the evaluation must run it again)."""
+    try:
+        df = leaderboard.read(results_dir)
+    except AdvbenchError:
+        return False
+    if df.empty or "checkpoint_sha256" not in df.columns:
+        return False
+    digest = file_sha256(checkpoint)  # rows before the full hashes hold its first 12 hex
+    return any(len(h) >= 12 and digest.startswith(h) for h in df["checkpoint_sha256"].astype(str))
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two checkpoints ship the same weights (their state_dicts, tensor by tensor)."""
+    sa, sb = read_checkpoint(a).get("state_dict") or {}, read_checkpoint(b).get("state_dict") or {}
+    return sa.keys() == sb.keys() and all(
+        torch.is_tensor(sa[k]) and torch.is_tensor(sb[k]) and sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype
+        and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def run_robust_training(opts: RobustTrainOptions, narrator: Narrator = Narrator()) -> RobustTrainReport:
+    # cheap checks first: names, numbers
+    MODELS.canonical(opts.model)
+    method_name = METHODS.canonical(opts.method)
+    activation_factory(opts.activation, opts.smooth_backward)
+    norm = check_norm(opts.norm)
+    check_positive("val_steps", opts.val_steps)
+    check_positive("eval_steps", opts.eval_steps)
+    check_positive("n_eval", opts.n_eval)
+    alpha = parse_eps(opts.alpha) if opts.alpha is not None else None
+    if opts.eps is not None:
+        parse_eps(opts.eps, norm)
+    ds = load_dataset(opts.dataset, data_dir=opts.data_dir, download=opts.download)
+    threat = ThreatModel.parse(norm, opts.eps if opts.eps is not None else default_eps(ds))
+    threat.check_input_shape(ds.input_shape)
+    warmup = opts.eps_warmup
+    if warmup is None:
+        adversarial = isinstance(METHODS.get(method_name), type) and issubclass(METHODS.get(method_name),
+                                                                                  AdversarialMethod)
+        warmup = auto_eps_warmup(opts.epochs) if adversarial else 0
+    method = build_method(method_name, threat, steps=opts.steps, alpha=alpha, beta=opts.beta,
+                          mix_weight=opts.mix_weight, bn_mode=opts.bn_mode, seed=opts.seed,
+                          eps_warmup=warmup)
+    out = Path(opts.out) if opts.out else robust_out_path(opts, method_name)
+    if opts.evaluate:  # the final evaluation records in the results dir (the zoo is elsewhere): check it first
+        ensure_dir(opts.results_dir)
+    cfg = TrainConfig(model=opts.model, dataset=opts.dataset, epochs=opts.epochs, batch_size=opts.batch_size,
+                      lr=opts.lr, optimizer=opts.optimizer, schedule=opts.schedule, weight_decay=opts.weight_decay,
+                      augment=opts.augment, seed=opts.seed, activation=opts.activation,
+                      smooth_backward=opts.smooth_backward, out=str(out), resume=opts.resume, device=opts.device,
+                      n_train=opts.n_train, val_size=opts.val_size, swa_start=opts.swa_start, swa_lr=opts.swa_lr,
+                      ema=opts.ema, amp=opts.amp, channels_last=opts.channels_last, compile=opts.compile)
+    cfg.validate()
+    robust_val = RobustValidation(threat, steps=opts.val_steps, seed=opts.seed) if opts.val_size else None
+    narrator = narrator.quieter(env_rank() != 0)  # under torchrun only rank 0 talks
+    say = narrator.say
+    act = opts.activation + (f" (smooth backward: {opts.smooth_backward})" if opts.smooth_backward else "")
+    inner = getattr(method, "attack_for", None)
+    inner_desc = ""
+    if inner is not None:
+        a = inner(cfg.epochs)
+        inner_desc = (f", inner {a.name} {a.steps} step{'s' if a.steps > 1 else ''} of {a.alpha:.4g}"
+                      f"{' from a random start' if a.random_start else ''}, BatchNorm {method.bn_mode}"
+                      + (f", eps ramped over {method.eps_warmup} epochs" if method.eps_warmup else ""))
+    say(f"{method_name} training of {opts.model} ({act}) on {ds.name}, {threat}{inner_desc}; "
+        f"{cfg.epochs} epochs; validation: "
+        + (f"PGD-{opts.val_steps} on {opts.val_size} held-out training images" if robust_val else "none")
+        + f" -> {out}")
+    if robust_val is None:
+        say(f"{narrator.setting('val_size')} 0: no held-out validation, so no best-epoch checkpoint (robust early stopping is off)")
+    res = train(cfg, method, dataset=ds, console=narrator.out, quiet=narrator.quiet, robust_val=robust_val)
+
+    best_epoch = None
+    if res.best_out is not None:
+        best_epoch = (read_checkpoint(res.best_out).get("extra") or {}).get("best_epoch")
+    report = RobustTrainReport(res, threat, out, res.best_out, best_epoch)
+    kept = [r for r in res.metrics if not r.get("rolled_back")]
+    if kept:
+        last = kept[-1]
+        msg = f"last epoch {last['epoch']}: test acc {last['test_acc']:.2%}"
+        if "val_pgd_acc" in last:
+            msg += f", validation PGD-{opts.val_steps} acc {last['val_pgd_acc']:.2%}"
+        say(msg + f" -> {out}")
+        if best_epoch is not None:
+            brow = next((r for r in kept if r["epoch"] == best_epoch), None)
+            if brow is not None:
+                say(f"best epoch {best_epoch} by validation PGD accuracy ({brow['val_pgd_acc']:.2%}) -> "
+                    f"{res.best_out}")
+    if res.stopped:
+        say(f"stopped early: {res.stopped}")
+    if not opts.evaluate:
+        return report
+    if res.epochs_run == 0 and _final_eval_recorded(out, opts.results_dir):
+        say("nothing was trained in this invocation: not evaluating again (its evaluation is in the leaderboard)")
+        report.evaluation_skipped = True
+        return report
+    if int(read_checkpoint(out).get("epoch", 0)) < 1:
+        say("no epoch was kept (collapse in the first epoch): nothing to evaluate")
+        return report
+    targets = [("final", out)] + ([("best", res.best_out)] if res.best_out is not None else [])
+    if res.best_out is not None and _same_weights(out, res.best_out):
+        say("best epoch is the last one: evaluated once")
+        targets = [("final+best", out)]
+    for label, path in targets:
+        record = evaluate_and_record(path, threat, steps=opts.eval_steps, n_examples=opts.n_eval,
+                                     dataset=opts.dataset, data_dir=opts.data_dir, download=opts.download,
+                                     batch_size=opts.eval_batch_size, device=opts.device, seed=opts.seed,
+                                     results_dir=opts.results_dir, flags=[f"train-robust:{label}"],
+                                     narrator=narrator,
+                                     fast=FastPaths(channels_last=opts.channels_last, compile=opts.compile))
+        for key in label.split("+"):
+            report.evaluations[key] = record
+        r = record.result
+        say(f"{label} model ({path}): clean {r.clean_acc:.2%}, PGD-{opts.eval_steps} "
+            f"{r.threats[0].robust_acc('pgd'):.2%} on {r.n_total} test images "
+            f"(leaderboard run {record.run_id})")
+    return report

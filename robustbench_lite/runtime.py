@@ -2,13 +2,15 @@
 progress displays): run-time helpers shared by training and evaluation."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -25,20 +27,22 @@ def resolve_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if d.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise AdvbenchError(f"--device {device}: CUDA is not available on this machine (use cpu or auto)")
+            raise SettingError(f"{{device}} {device}: CUDA is not available on this machine (use cpu or auto)",
+                               "device")
         return torch.device(d)
     if d == "cpu":
         return torch.device("cpu")
-    raise AdvbenchError(f"invalid --device {device!r}: expected auto, cpu or cuda")
+    raise SettingError(f"invalid {{device}} {device!r}: expected auto, cpu or cuda", "device")
 
 
 SEED_MAX = 2 ** 32 - 1
 
 
-def check_seed(seed: int, name: str = "--seed") -> int:
-    """Seeds are integers in [0, 2**32 - 1] (torch and numpy overflow on larger ones)."""
+def check_seed(seed: int, name: str = "seed") -> int:
+    """Seeds are integers in [0, 2**32 - 1] (torch and numpy overflow on larger ones); ``name``: the
+    setting that holds it."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
-        raise AdvbenchError(f"{name} must be an integer between 0 and {SEED_MAX} (got {seed!r})")
+        raise SettingError(f"{{{name}}} must be an integer between 0 and {SEED_MAX} (got {seed!r})", name)
     return seed
 
 
@@ -46,17 +50,13 @@ def seed_everything(seed: int) -> None:
     check_seed(seed)
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (2 ** 32))
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed % (2 ** 32))
 
 
 def check_positive(name: str, value: Optional[int], minimum: int = 1) -> None:
+    """``value`` (None: not given) is at least ``minimum``; a SettingError naming setting ``name`` otherwise."""
     if value is not None and value < minimum:
-        raise AdvbenchError(f"{name} must be >= {minimum} (got {value})")
+        raise SettingError(f"{{{name}}} must be >= {minimum} (got {value})", name)
 
 
 def env_rank() -> int:
@@ -75,6 +75,16 @@ def parse_amp(amp: Optional[str]) -> Optional[str]:
     if str(amp).strip().lower() not in AMP_CHOICES:
         raise SettingError(f"invalid {{amp}} {amp!r}: expected bf16 (or leave it out)", "amp")
     return str(amp).strip().lower()
+
+
+def pct(value, digits: int = 2, unit: str = "%") -> str:
+    """A fraction as a percentage for people: ``pct(0.4321)`` -> ``43.21%``; "–" when there is no
+    number (None, NaN, or text that is not one). The one percentage format of tables and messages."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "–"
+    return "–" if math.isnan(v) else f"{100 * v:.{digits}f}{unit}"
 
 
 @dataclass(frozen=True)
@@ -130,7 +140,7 @@ RECOMPILE_LIMIT = 32
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile with dynamic shapes (early stopping shrinks the batch) and room for every
     graph variant a run needs."""
-    import torch._dynamo.config as dynamo_config
+    import torch._dynamo.config as dynamo_config  # heavy, and only for --compile
 
     for name in ("recompile_limit", "cache_size_limit"):
         if isinstance(getattr(dynamo_config, name, None), int):
@@ -254,17 +264,25 @@ class Narrator:
     """What a long library call (a run, a training, the zoo) tells its user while it works: lines
     (``say``), warnings about the results (``warn``, beside the lines), notices on stderr that
     must not mix with a table or JSON on stdout (``notice``) and progress displays (``progress``,
-    on stderr). The CLI builds one per command from its consoles; library code prints nothing
-    else. ``Narrator()`` shows progress and notices on stderr and no lines; ``SILENT`` shows nothing;
+    on stderr). The CLI builds one per command from its consoles and its flag names (``setting``:
+    how the user sets a parameter; ``help_hint``: where the settings are documented); library code
+    prints nothing else. ``Narrator()`` shows progress and notices on stderr and no lines; ``SILENT`` shows nothing;
     ``quieter(flag)`` is a copy that is silent when ``flag`` (e.g. a DDP rank other than 0)."""
 
-    def __init__(self, out: Optional[Console] = None, err: Optional[Console] = None, quiet: bool = False):
+    def __init__(self, out: Optional[Console] = None, err: Optional[Console] = None, quiet: bool = False,
+                 show: Callable[[str], str] = str, help_hint: str = "see robustbench_lite.runs.RunSpec"):
         self.out = out
         self.err = err
         self.quiet = quiet
+        self.show = show
+        self.help_hint = help_hint
 
     def quieter(self, quiet: bool = True) -> "Narrator":
-        return Narrator(self.out, self.err, self.quiet or quiet)
+        return Narrator(self.out, self.err, self.quiet or quiet, self.show, self.help_hint)
+
+    def setting(self, name: str) -> str:
+        """How this narrator's user sets the library parameter ``name`` (the CLI: its flag)."""
+        return self.show(name)
 
     def say(self, text: str, style: Optional[str] = None) -> None:
         if self.out is not None and not self.quiet:

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import rng
-from .errors import AdvbenchError
+from .errors import AdvbenchError, SettingError
 
 NORMS = ("linf", "l2")
 TOLERANCE = 1e-6  # ||x_adv - x|| <= eps + TOLERANCE * max(1, eps) is what every attack must satisfy
@@ -53,42 +53,50 @@ def _number(part: str) -> float:
     return value
 
 
-def parse_eps(text: Union[str, float, int], norm: Optional[str] = None, what: str = "eps") -> float:
+def parse_eps(text: Union[str, float, int], norm: Optional[str] = None, setting: Optional[str] = None) -> float:
     """Parse an eps written as a number or a fraction: ``8/255``, ``0.3``, ``.5``.
 
-    The one parser of the project; every error is an AdvbenchError naming the bad text (and
-    ``what`` was being parsed: eps, or e.g. ``--alpha`` for a step size in the same units)."""
+    The one parser of the project; every error is an AdvbenchError naming the bad text. ``setting``
+    names a setting in the same units that is not an eps (e.g. ``alpha``, a step size): its errors
+    are then SettingErrors naming that parameter."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:37] + "..."
+    else:
+        shown = repr(str(text))
+
+    def bad(why: str) -> AdvbenchError:
+        if setting is None:
+            return AdvbenchError(f"invalid eps {shown}: {why}")
+        return SettingError(f"invalid {{{setting}}} {shown}: {why}", setting)
+
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
         try:
             value = float(text)
         except OverflowError:  # an int too large for a float (e.g. a 400-digit YAML integer)
-            raise AdvbenchError(f"invalid {what} {shown}: must be a finite number") from None
+            raise bad("must be a finite number") from None
     else:
         s = str(text).strip()
-        shown = repr(str(text))
         if not s:
-            raise AdvbenchError(f"invalid {what} {shown}: empty; {_EPS_HINT}")
+            raise bad(f"empty; {_EPS_HINT}")
         try:
             if "/" in s:
                 num, den = s.split("/", 1)
                 fnum, fden = _number(num), _number(den)
                 if fden == 0:
-                    raise AdvbenchError(f"invalid {what} {shown}: division by zero")
+                    raise bad("division by zero")
                 value = fnum / fden
                 if value == 0 and fnum != 0:
                     raise OverflowError(s)
             else:
                 value = _number(s)
         except ValueError:
-            raise AdvbenchError(f"invalid {what} {shown}: {_EPS_HINT}") from None
+            raise bad(_EPS_HINT) from None
         except OverflowError:
-            raise AdvbenchError(f"invalid {what} {shown}: too small for a float64, it would become 0 "
-                                f"(write 0 for no perturbation)") from None
+            raise bad("too small for a float64, it would become 0 (write 0 for no perturbation)") from None
     if math.isnan(value) or math.isinf(value):
-        raise AdvbenchError(f"invalid {what} {shown}: must be a finite number")
+        raise bad("must be a finite number")
     if value < 0:
-        raise AdvbenchError(f"invalid {what} {shown}: must be >= 0")
+        raise bad("must be >= 0")
     if norm is not None:
         norm = check_norm(norm)
         if norm == "linf" and value > 1:

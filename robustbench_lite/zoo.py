@@ -7,20 +7,30 @@ the dataset's name made file-name safe (npz:PATH gives npz-STEM) and FINGERPRINT
 Dataset.fingerprint (a sha256 of the arrays): an entry belongs to the data, not to a file name, so
 npz files with the same stem but other contents get entries of their own.
 
-`advbench attack` uses the zoo entry when no --checkpoint is given and, when there is none,
-trains a standard baseline first (and says so). Checking for the entry, training it and writing it
-happen under a lock on the entry: concurrent runs train it once, the others wait and then use it."""
+A run's model comes from here (load_model): a checkpoint file, or without one the zoo entry of the
+model name, and when there is none a standard baseline is trained first (and the narrator says
+so). Checking for the entry, training it and writing it happen under a lock on the entry:
+concurrent runs train it once, the others wait and then use it. model_info describes a loaded
+model as the leaderboard records it (name, checkpoint sha256, dataset sha256, defense, activation)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
+from torch import nn
+
+from . import distributed
+from .checkpoint import file_sha256, model_from_checkpoint, read_checkpoint
 from .data import Dataset, load_dataset
-from .training import TrainConfig
+from .fileio import check_not_directory, locked
+from .models import model_for_dataset
+from .runtime import SILENT, Narrator
+from .training import TrainConfig, train
 
 # Baseline budgets that reach sane clean accuracy on 2 CPU cores in reasonable time.
 BASELINE = {
@@ -74,28 +84,20 @@ def interrupted_config(ckpt) -> Optional[TrainConfig]:
     return TrainConfig(**{k: v for k, v in stored.items() if k in known})
 
 
-def get_or_train(model: str, dataset: str, seed: int = 0, device: str = "cpu", console=None, quiet: bool = False,
-                 data_dir: Optional[str] = None, download: bool = False):
-    """Return (model, checkpoint path, trained_now).
+def get_or_train(model: str, ds: Dataset, seed: int = 0, device: str = "cpu",
+                 narrator: Narrator = SILENT) -> Tuple[nn.Module, Path, bool]:
+    """Return (model, checkpoint path, trained_now) for the zoo baseline of ``model`` on ``ds``.
 
     A zoo checkpoint left by an interrupted baseline training (e.g. `advbench attack` killed while
     it trained the baseline) is not used as it is: its training is resumed to the end first.
     Under torchrun only rank 0 takes the lock; the ranks follow its view of the entry."""
-    from .checkpoint import model_from_checkpoint, read_checkpoint
-    from . import distributed
-    from .fileio import check_not_directory, locked
-    from .models import model_for_dataset
-    from .training import train
-
-    ds = load_dataset(dataset, data_dir=data_dir, download=download)
     path = zoo_path(model, ds, "standard")
     check_not_directory(path, "zoo entry")
     if not path.is_file():
         model_for_dataset(model, ds)  # a model that cannot take these images: refused before any lock or training
-    say = console.print if console is not None and not quiet else (lambda *a, **k: None)
 
     def waiting():
-        say(f"waiting for another process training {path}", markup=False, highlight=False)
+        narrator.say(f"waiting for another process training {path}")
 
     with locked(path, on_wait=waiting) if distributed.context().is_main else contextlib.nullcontext():
         # under torchrun every rank takes rank 0's view (they then train together, or all load)
@@ -106,12 +108,58 @@ def get_or_train(model: str, dataset: str, seed: int = 0, device: str = "cpu", c
                 net, _ = model_from_checkpoint(path, model, ds)
                 return net, path, False
             cfg = replace(unfinished, out=str(path), resume=True, device=device)
-            say(f"zoo checkpoint {path} is from an interrupted training (epoch {ck.get('epoch')} of "
-                f"{cfg.epochs}): resuming it first", markup=False, highlight=False)
-            res = train(cfg, dataset=ds, console=console, quiet=quiet)
-            return res.model, path, True
-        cfg = baseline_config(model, dataset, path, seed=seed, device=device)
-        say(f"no zoo checkpoint {path}: training a standard {model} baseline on {ds.name} first "
-            f"({cfg.epochs} epochs)", markup=False, highlight=False)
-        res = train(cfg, dataset=ds, console=console, quiet=quiet)
+            narrator.say(f"zoo checkpoint {path} is from an interrupted training (epoch {ck.get('epoch')} of "
+                         f"{cfg.epochs}): resuming it first")
+        else:
+            cfg = baseline_config(model, ds.name, path, seed=seed, device=device)
+            narrator.say(f"no zoo checkpoint {path}: training a standard {model} baseline on {ds.name} first "
+                         f"({cfg.epochs} epochs)")
+        res = train(cfg, dataset=ds, console=narrator.out, quiet=narrator.quiet)
         return res.model, path, True
+
+
+def load_model(name: Optional[str], checkpoint: Optional[str], ds: Dataset, *, seed: int = 0, device: str = "cpu",
+               narrator: Narrator = SILENT) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(model in eval mode, model_info) for a run on ``ds``: the ``checkpoint`` file (its architecture
+    from the file, or ``name`` for a plain state_dict), else the zoo baseline of ``name`` (trained
+    first when missing, with ``seed`` on ``device``)."""
+    if checkpoint:
+        path = Path(checkpoint)
+        model, ckpt = model_from_checkpoint(path, name, ds)
+        flags = []
+    else:
+        model, path, _ = get_or_train(name, ds, seed=seed, device=device, narrator=narrator)
+        ckpt = read_checkpoint(path)
+        flags = ["zoo"]
+    model.eval()
+    return model, model_info(path, ckpt, model, ds, name, flags)
+
+
+def model_info(path: Path, ckpt: Dict[str, Any], model: nn.Module, ds: Dataset, name: Optional[str] = None,
+               flags=()) -> Dict[str, Any]:
+    """A model as the leaderboard records it: name, checkpoint and its sha256, dataset and its sha256,
+    defense (method and parameters), activation label, the checkpoint's metrics, flags."""
+    defense, defense_params = _defense(ckpt)
+    return {"model": ckpt.get("model") or name or model.spec.get("name"), "checkpoint": str(path),
+            "checkpoint_sha256": file_sha256(path), "dataset": ds.name, "dataset_sha256": ds.fingerprint,
+            "defense": defense or ("standard" if ckpt.get("format") else ""),
+            "defense_params": json.dumps(defense_params, sort_keys=True) if defense_params else "",
+            "activation": activation_label(ckpt, model),
+            "checkpoint_metrics": ckpt.get("metrics") or {}, "flags": list(flags)}
+
+
+def _defense(ckpt: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    d = ckpt.get("defense")
+    if isinstance(d, dict):
+        d = dict(d)
+        return str(d.pop("method", "") or ""), d
+    return (str(d) if d else ""), {}
+
+
+def activation_label(ckpt, model) -> str:
+    """The leaderboard's activation: e.g. silu, or relu-sb-softplus for ReLU with a smooth backward
+    pass (the name the model zoo gives such checkpoints)."""
+    spec = getattr(model, "spec", {}) or {}
+    act = ckpt.get("activation") or spec.get("activation") or ""
+    sb = ckpt.get("smooth_backward") or spec.get("smooth_backward")
+    return f"{act}-sb-{sb}" if sb else act

@@ -39,7 +39,7 @@ def test_plain_state_dict_loads_with_model_name(tmp_path, lenet, mnist5k):
     m2, _ = model_from_checkpoint(p, "lenet", mnist5k)
     relu_lenet = model_for_dataset("lenet", mnist5k)
     assert set(m2.state_dict()) == set(relu_lenet.state_dict())
-    with pytest.raises(AdvbenchError, match="plain state_dict: name its architecture with --model"):
+    with pytest.raises(AdvbenchError, match="plain state_dict: name its architecture with model"):
         model_from_checkpoint(p, None, mnist5k)
 
 

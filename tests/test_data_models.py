@@ -30,9 +30,9 @@ def test_subsets_are_deterministic(mnist5k):
     _, _, i3 = mnist5k.subset("test", 100, seed=4)
     assert torch.equal(i1, i2) and torch.equal(x1, x2) and not torch.equal(i1, i3)
     assert torch.equal(x1, mnist5k.x_test[i1])
-    with pytest.raises(AdvbenchError, match=r"--n-examples 5000 is larger than the test split of mnist-5k \(1000"):
+    with pytest.raises(AdvbenchError, match=r"n_examples 5000 is larger than the test split of mnist-5k \(1000"):
         mnist5k.subset("test", 5000)
-    with pytest.raises(AdvbenchError, match="--n-examples must be >= 1"):
+    with pytest.raises(AdvbenchError, match="n_examples must be >= 1"):
         mnist5k.subset("test", 0)
 
 
@@ -65,7 +65,7 @@ def test_npz_errors(tmp_path):
 def test_torchvision_dataset_missing_offline_names_the_path(tmp_path):
     with pytest.raises(AdvbenchError) as e:
         load_dataset("cifar10", data_dir=str(tmp_path))
-    assert f"dataset 'cifar10' not found at {tmp_path}/cifar-10-batches-py (pass --download" in str(e.value)
+    assert f"dataset 'cifar10' not found at {tmp_path}/cifar-10-batches-py (pass download" in str(e.value)
 
 
 def test_shared_cifar10_npz_loads():

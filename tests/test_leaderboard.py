@@ -242,7 +242,7 @@ def test_train_robust_whose_best_epoch_is_its_last_is_recorded_once(tmp_path):
     from typer.testing import CliRunner
 
     from robustbench_lite.cli import app
-    from robustbench_lite.training import _same_weights
+    from robustbench_lite.runs import _same_weights
 
     results = tmp_path / "results"
     r = CliRunner().invoke(app, ["train-robust", "--model", "lenet", "--epochs", "1", "--n-train", "200",

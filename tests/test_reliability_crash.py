@@ -330,21 +330,21 @@ def test_kill_between_the_last_checkpoint_and_best_pt_is_recovered_by_resume(tmp
 
 
 def test_kill_during_the_final_evaluation_is_recovered_by_resume(tmp_path, monkeypatch):
-    import robustbench_lite.training as training
+    import robustbench_lite.runs as runs
 
     results = tmp_path / "results"
     args = ["train-robust", "--model", "lenet", "--epochs", "1", "--n-train", "200", "--val-size", "100",
             "--val-steps", "2", "--steps", "2", "--device", "cpu", "--n-eval", "50", "--eval-steps", "2",
             "--results-dir", str(results)]
-    real_eval = training.evaluate_and_record
+    real_eval = runs.evaluate_and_record
 
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "evaluate_and_record", killed)
+    monkeypatch.setattr(runs, "evaluate_and_record", killed)
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 130 and not (results / "leaderboard.csv").exists()
-    monkeypatch.setattr(training, "evaluate_and_record", real_eval)
+    monkeypatch.setattr(runs, "evaluate_and_record", real_eval)
     r = CliRunner().invoke(app, args + ["--resume"])
     assert r.exit_code == 0, r.stderr
     assert (results / "leaderboard.csv").exists(), "the final evaluation was never recorded"

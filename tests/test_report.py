@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from robustbench_lite.cli import app
 from robustbench_lite.errors import AdvbenchError
-from robustbench_lite.suite import ATTACK_SUITES, suite_attack_specs
+from robustbench_lite.specs import ATTACK_SUITES, suite_attack_specs
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -98,16 +98,16 @@ def test_report_errors(tmp_path):
 
 
 def test_masked_model_warns_in_terminal_summary_and_leaderboard(tmp_path, trained_smallcnn_path, monkeypatch):
-    from robustbench_lite import suite
+    from robustbench_lite import runs
     from test_masking import Quantised
 
-    orig = suite.load_model
+    orig = runs.load_model
 
     def masked(*a, **k):
-        model, ds, info = orig(*a, **k)
-        return Quantised(model).eval(), ds, info
+        model, info = orig(*a, **k)
+        return Quantised(model).eval(), info
 
-    monkeypatch.setattr(suite, "load_model", masked)
+    monkeypatch.setattr(runs, "load_model", masked)
     results = tmp_path / "results"
     r = run("attack", "--checkpoint", trained_smallcnn_path, "--eps", "0.1", "--suite", "quick", "-n", "16",
             "--device", "cpu", "--results-dir", results)

@@ -191,7 +191,7 @@ def test_suite_sets_masking_checks_fast_paths_and_an_attacks_own_parameters(tmp_
     s = load_suite(write(tmp_path, text))
     assert s.attacks[0].params == {"steps": 5, "n_target_classes": 2, "rho": 0.5}
     (run,) = s.runs(results_dir=str(tmp_path / "r"))
-    assert run.masking_checks is False and run.channels_last is True and run.compile is False
+    assert run.masking_checks is False and run.fast.channels_last is True and run.fast.compile is False
     r = runner.invoke(app, ["run", str(write(tmp_path, text)), "--results-dir", str(tmp_path / "r"), "--json"])
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)["runs"][0]

@@ -288,7 +288,8 @@ def test_resume_with_another_method_is_refused(tmp_path, mnist5k):
 def test_pgd_at_makes_smallcnn_robust_and_standard_training_does_not(tmp_path, mnist5k, trained_smallcnn):
     """The benchmark budget (benchmarks/defense_table.py): about 4 minutes on 2 idle cores."""
     from robustbench_lite.evaluator import evaluate
-    from robustbench_lite.training import RobustTrainOptions, run_robust_training
+    from robustbench_lite.runs import RobustTrainOptions, run_robust_training
+    from robustbench_lite.runtime import SILENT
 
     atk = [{"name": "pgd", "steps": 20}]
     std, x, y = trained_smallcnn
@@ -296,6 +297,6 @@ def test_pgd_at_makes_smallcnn_robust_and_standard_training_does_not(tmp_path, m
     assert r.threats[0].robust_acc("pgd") < 0.05
     rep = run_robust_training(RobustTrainOptions(model="smallcnn", method="pgd-at", eps="0.3", epochs=10,
                                                  batch_size=32, device="cpu", evaluate=False,
-                                                 out=str(tmp_path / "at.pt")), quiet=True)
+                                                 out=str(tmp_path / "at.pt")), SILENT)
     r = evaluate(rep.result.model, x, y, atk, THREAT, batch_size=500)
     assert r.clean_acc >= 0.90 and r.threats[0].robust_acc("pgd") >= 0.60

@@ -188,7 +188,7 @@ def test_old_leaderboard_without_dataset_sha256_reads_and_appends(tmp_path):
 
 
 def test_final_eval_recorded_matches_old_12_hex_rows(tmp_path):
-    from robustbench_lite.training import _final_eval_recorded
+    from robustbench_lite.runs import _final_eval_recorded
 
     ck = tmp_path / "m.pt"
     ck.write_bytes(b"weights")

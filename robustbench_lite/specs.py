@@ -1,0 +1,199 @@
+"""Attack specs: which attacks a run performs, by name and with which settings.
+
+An AttackSpec is an attack's registry name, its parameter overrides and the label it has in
+results; it builds the attack for one threat model (AttackSpec.build). The specs of a run come from
+``"fgsm,bim,pgd"``, dicts, AttackSpec objects or Attack instances (parse_attack_specs), from a
+named attack suite (ATTACK_SUITES, `advbench attack --suite NAME`), or from names plus settings
+given once for all of them (with_overrides: `advbench attack --steps 20 ...`). Threat models come
+from one ThreatModel, a list of them, or an eps sweep (resolve_threats).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import attacks
+from attacks.engine import BASE_DEFAULTS, Attack
+
+from .errors import AdvbenchError, SettingError
+from .registry import suggest
+from .threat import ThreatModel, parse_eps, parse_eps_list
+
+DEFAULT_ATTACKS = ("fgsm", "bim", "pgd")
+WORST_CASE = "worst-case"
+
+# engine parameters an attack spec may set (the engine validates the values)
+ATTACK_PARAMS = ("steps", "alpha", "random_start", "restarts", "loss", "targeted", "seed", "early_stop", "keep",
+                 "model_mode", "amp")
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """An attack by registry name with parameter overrides; ``label`` names it in results."""
+
+    name: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+    factory: Optional[Callable[..., Any]] = None  # an Attack class (default: the registry's ``name``)
+
+    def build(self, threat: ThreatModel, seed: int = 0):
+        params = dict(self.params)
+        params.setdefault("seed", seed)
+        if self.factory is not None:
+            return self.factory(threat=threat, **params)
+        return attacks.create(self.name, threat=threat, **params)
+
+
+def _auto_label(name: str, params: Mapping[str, Any]) -> str:
+    shown = {k: v for k, v in params.items() if k != "seed"}
+    if not shown:
+        return name
+    return f"{name}({','.join(f'{k}={v}' for k, v in sorted(shown.items()))})"
+
+
+def parse_attack_specs(items: Union[str, Iterable[Any], None]) -> List[AttackSpec]:
+    """Attack specs from ``"fgsm,bim,pgd"``, names, dicts ``{"name": "pgd", "steps": 20, "label": ...}``,
+    AttackSpec objects or Attack instances (their class and parameters are reused for every threat
+    model). Names are canonicalised (``ifgsm`` -> ``bim``); labels are the names, made unique with
+    the parameters when one attack appears twice."""
+    if items is None:
+        items = DEFAULT_ATTACKS
+    if isinstance(items, str):
+        items = [s for s in (p.strip() for p in items.split(",")) if s] or [""]
+    raw: List[AttackSpec] = []
+    for it in items:
+        if isinstance(it, AttackSpec):
+            spec = it
+        elif isinstance(it, Attack):
+            params = {k: v for k, v in it.config().items() if k not in ("attack", "norm", "eps")}
+            if params.get("alpha") == it.default_alpha(it.threat.eps, it.steps):
+                params.pop("alpha")  # the default step size scales with eps: recompute it per threat
+            raw.append(AttackSpec(it.name, params, "", type(it)))
+            continue
+        elif isinstance(it, str):
+            if not it.strip():
+                raise AdvbenchError("empty attack name (expected e.g. --attack fgsm,bim,pgd)")
+            spec = AttackSpec(it.strip())
+        elif isinstance(it, Mapping):
+            d = dict(it)
+            if "name" not in d:
+                raise AdvbenchError(f"attack spec {d!r} has no 'name'")
+            name, label = d.pop("name"), d.pop("label", "") or ""
+            spec = AttackSpec(str(name), d, str(label))
+        else:
+            raise AdvbenchError(f"invalid attack spec {it!r}: expected a name or a mapping with 'name'")
+        canonical = spec.name if spec.factory is not None else attacks.ATTACKS.canonical(spec.name)
+        raw.append(AttackSpec(canonical, dict(spec.params), spec.label, spec.factory))
+    if not raw:
+        raise AdvbenchError("no attacks given")
+    unlabeled = [s.name for s in raw if not s.label]
+    explicit = {s.label for s in raw if s.label}
+    out: List[AttackSpec] = []
+    for s in raw:
+        plain = unlabeled.count(s.name) == 1 and s.name not in explicit
+        label = s.label or (s.name if plain else _auto_label(s.name, s.params))
+        out.append(AttackSpec(s.name, s.params, label, s.factory))
+    labels = [s.label for s in out]
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dup:
+        raise AdvbenchError(f"attack {dup[0]!r} is listed twice with the same parameters (give each a label)")
+    if WORST_CASE in labels:
+        raise AdvbenchError(f"{WORST_CASE!r} is reserved and cannot label an attack")
+    return out
+
+
+def resolve_threats(threats: Union[ThreatModel, Sequence[ThreatModel], None] = None, *,
+                    eps: Union[str, float, Sequence[Union[str, float]], None] = None,
+                    norm: str = "linf") -> List[ThreatModel]:
+    """One threat model, a list of them, or an eps sweep (``eps="2/255,4/255"`` or a list)."""
+    if threats is not None and eps is not None:
+        raise AdvbenchError("give either threat models or eps, not both")
+    if threats is None:
+        if eps is None:
+            raise AdvbenchError("no threat model: give eps (e.g. 8/255)")
+        if isinstance(eps, str):
+            values = parse_eps_list(eps, norm)
+        elif isinstance(eps, (int, float)):
+            values = [eps]
+        else:
+            values = list(eps)
+        out = [ThreatModel(norm, v) for v in values]
+    elif isinstance(threats, ThreatModel):
+        out = [threats]
+    else:
+        out = list(threats)
+    if not out:
+        raise AdvbenchError("no threat model given")
+    unique: List[ThreatModel] = []
+    for t in out:
+        if not isinstance(t, ThreatModel):
+            raise AdvbenchError(f"invalid threat model {t!r}")
+        if t not in unique:
+            unique.append(t)
+    return unique
+
+
+def build_attacks(specs: Sequence[AttackSpec], threats: Sequence[ThreatModel], seed: int = 0):
+    """Build every (threat, attack) once: bad parameters fail here, before any model work.
+    Returns {(threat, label): Attack}."""
+    return {(t, s.label): s.build(t, seed) for t in threats for s in specs}
+
+
+def with_overrides(names: Union[str, Iterable[Any]], steps: Optional[int] = None, alpha: Optional[str] = None,
+                   restarts: Optional[int] = None, loss: Optional[str] = None,
+                   amp: Optional[str] = None) -> List[AttackSpec]:
+    """Attack specs with settings given once for all of them (`advbench attack`'s options): ``steps``
+    and ``alpha`` go to the iterative attacks (not to single-step ones such as fgsm), ``restarts``
+    to the random-start ones (pgd), ``loss`` and ``amp`` to all. A setting that fits none of the
+    attacks is a SettingError."""
+    specs = parse_attack_specs(names)
+    alpha_v = parse_eps(alpha, setting="alpha") if alpha is not None else None
+    out, used = [], {"steps": False, "alpha": False, "restarts": False}
+    for s in specs:
+        d = {**BASE_DEFAULTS, **getattr(attacks.ATTACKS.get(s.name), "defaults", {})}
+        params = dict(s.params)
+        iterative = d.get("steps", 1) != 1
+        if steps is not None and iterative:
+            params["steps"], used["steps"] = steps, True
+        if alpha_v is not None and iterative:
+            params["alpha"], used["alpha"] = alpha_v, True
+        if restarts is not None and iterative and d.get("random_start"):
+            params["restarts"], used["restarts"] = restarts, True
+        if loss is not None:
+            params["loss"] = loss
+        if amp is not None:
+            params["amp"] = amp
+        out.append(AttackSpec(s.name, params, s.label, s.factory))
+    for name, given in (("steps", steps), ("alpha", alpha), ("restarts", restarts)):
+        if given is not None and not used[name]:
+            kind = "random-start (pgd)" if name == "restarts" else "iterative (bim, pgd)"
+            labels = ", ".join(s.label for s in specs)
+            raise SettingError(f"{{{name}}} applies to {kind} attacks only, and none of {labels} is one", name)
+    return out
+
+
+# Named attack lists for `advbench attack --suite NAME`.
+#   standard: APGD-CE + APGD-T (100 iterations each, 9 target classes): a fast AutoAttack-style
+#             worst case (Croce & Hein, ICML 2020; AutoAttack without FAB-T and Square).
+#   quick:    FGSM + PGD-20: a cheap sanity check.
+ATTACK_SUITES: Dict[str, List[Dict[str, Any]]] = {
+    "standard": [{"name": "apgd-ce", "steps": 100, "label": "apgd-ce"},
+                 {"name": "apgd-t", "steps": 100, "n_target_classes": 9, "label": "apgd-t"}],
+    "quick": [{"name": "fgsm", "label": "fgsm"}, {"name": "pgd", "steps": 20, "label": "pgd-20"}],
+}
+
+
+def suite_attack_specs(name: str, amp: Optional[str] = None) -> List[AttackSpec]:
+    """The attack specs of a named attack suite (ATTACK_SUITES); ``amp`` goes to every attack."""
+    key = str(name).strip().lower()
+    if key not in ATTACK_SUITES:
+        close = suggest(key, ATTACK_SUITES, cutoff=0.5)
+        hint = f" ({close})" if close else ""
+        raise AdvbenchError(f"unknown attack suite {name!r}{hint}: expected one of {', '.join(ATTACK_SUITES)}")
+    specs = []
+    for item in ATTACK_SUITES[key]:
+        d = dict(item)
+        label = d.pop("label")
+        if amp is not None:
+            d["amp"] = amp
+        specs.append(AttackSpec(d.pop("name"), d, label))
+    return parse_attack_specs(specs)
