@@ -22,7 +22,6 @@ records them in summary.json ("warnings", "masking") and in the leaderboard's ``
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
@@ -32,14 +31,15 @@ import attacks
 from attacks import attack_mode
 from attacks.losses import margin
 
+from .evaluator import accuracy
 from .runtime import pct
-from .threat import ThreatModel, format_eps
+from .threat import GEOMETRIES, ThreatModel, format_eps
 
 EPS_TOLERANCE = 0.01        # robust accuracy may rise by this much with eps (attack noise)
 FGSM_TOLERANCE = 0.02       # an iterative attack may be this much weaker than FGSM
 UNBOUNDED_MAX_ACC = 0.05    # accuracy an unbounded PGD must get below
 ZERO_GRAD_MAX_FRACTION = 0.1
-UNBOUNDED_LINF = 0.5
+UNBOUNDED_FRACTION = 0.5   # unbounded PGD's budget: this fraction of the image box's diameter
 UNBOUNDED_STEPS = 20
 
 
@@ -91,74 +91,90 @@ def check_results(result) -> List[MaskingWarning]:
     return out
 
 
-def _accuracy(model, x, y) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).float().argmax(1) == y
-
-
 def check_model(model, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, threats, result=None,
                 seed: int = 0) -> List[MaskingWarning]:
     """The checks that query the model on (x, y) (already a small subset of clean-correct samples):
     random outputs, zero / NaN input gradients, unbounded PGD per norm, FGSM vs iterative attacks
     when the run had no FGSM."""
-    out: List[MaskingWarning] = []
     if x.shape[0] == 0:
-        return out
+        return []
     with attack_mode(model, "eval"):
-        with torch.no_grad():
-            z1, z2 = model(x).float(), model(x).float()
-        if not torch.allclose(z1, z2, rtol=1e-4, atol=1e-5):
-            diff = float((z1 - z2).abs().max())
-            out.append(MaskingWarning("random-outputs", f"the model is randomised: the same inputs twice in eval mode "
-                                      f"give logits that differ by up to {diff:.3g}; gradient attacks need EOT "
-                                      f"against it", "", diff))
-        xg = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            loss = margin(model(xg).float(), y).sum()
-            (g,) = torch.autograd.grad(loss, xg, allow_unused=True)
-        if g is None:
-            g = torch.zeros_like(x)
-        flat = g.flatten(1)
-        nan = ~torch.isfinite(flat).all(1)
-        zero = (flat == 0).all(1) & ~nan
-        if bool(nan.any()):
-            out.append(MaskingWarning("nan-gradient", f"input gradients are NaN/inf on {int(nan.sum())} of "
-                                      f"{len(nan)} clean inputs", "", float(nan.float().mean())))
-        if float(zero.float().mean()) > ZERO_GRAD_MAX_FRACTION:
-            out.append(MaskingWarning("zero-gradient", f"input gradients of the logit margin are exactly zero on "
-                                      f"{int(zero.sum())} of {len(zero)} clean inputs (a non-differentiable or "
-                                      f"saturated model hides its gradient)", "", float(zero.float().mean())))
-
-    d = x[0].numel()
+        out = _random_outputs(model, x) + _gradients(model, x, y)
     for norm in sorted({t.norm for t in threats}):
-        eps = UNBOUNDED_LINF if norm == "linf" else UNBOUNDED_LINF * math.sqrt(d)
-        th = ThreatModel(norm, eps)
-        atk = attacks.create("pgd", threat=th, steps=UNBOUNDED_STEPS, seed=seed)
-        acc = float(_accuracy(model, atk(model, x, y, sample_ids=sample_ids), y).float().mean())
-        if acc > UNBOUNDED_MAX_ACC:
-            out.append(MaskingWarning("unbounded-pgd", f"PGD-{UNBOUNDED_STEPS} with an unbounded budget ({th}) leaves "
-                                      f"{pct(acc, 1)} accuracy on {len(y)} samples; it should reach ~0%",
-                                      str(th), acc))
-
-    if result is not None:  # iterative vs FGSM on the subset, when the run had no FGSM
-        pos = {int(i): k for k, i in enumerate(result.sample_ids.tolist())}
-        rows = torch.tensor([pos[int(i)] for i in sample_ids.tolist()], dtype=torch.long)
-        for t in result.threats:
-            if any(r.name == "fgsm" for r in t.attacks.values()):
-                continue
-            iterative = {lab: r for lab, r in t.attacks.items() if int(r.config.get("steps", 1) or 1) > 1}
-            if not iterative:
-                continue
-            fgsm = attacks.create("fgsm", threat=t.threat, seed=seed)
-            a_fgsm = float(_accuracy(model, fgsm(model, x, y, sample_ids=sample_ids), y).float().mean())
-            for lab, r in iterative.items():
-                a = 1.0 - float(r.fooled[rows].float().mean())
-                if a > a_fgsm + FGSM_TOLERANCE:
-                    out.append(MaskingWarning(
-                        "weaker-than-fgsm", f"iterative attack {lab} is weaker than FGSM under {t.threat} on "
-                        f"{len(rows)} samples: robust accuracy {pct(a, 1)} vs FGSM {pct(a_fgsm, 1)}",
-                        str(t.threat), a - a_fgsm))
+        out += _unbounded_pgd(model, x, y, sample_ids, norm, seed)
+    if result is not None:
+        out += _weaker_than_fgsm(model, x, y, sample_ids, result, seed)
     return out
+
+
+def _random_outputs(model, x: torch.Tensor) -> List[MaskingWarning]:
+    with torch.no_grad():
+        z1, z2 = model(x).float(), model(x).float()
+    if torch.allclose(z1, z2, rtol=1e-4, atol=1e-5):
+        return []
+    diff = float((z1 - z2).abs().max())
+    return [MaskingWarning("random-outputs", f"the model is randomised: the same inputs twice in eval mode give "
+                                             f"logits that differ by up to {diff:.3g}; gradient attacks need EOT "
+                                             f"against it", "", diff)]
+
+
+def _gradients(model, x: torch.Tensor, y: torch.Tensor) -> List[MaskingWarning]:
+    """Input gradients of the logit margin that are not finite, or exactly zero."""
+    xg = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = margin(model(xg).float(), y).sum()
+        (g,) = torch.autograd.grad(loss, xg, allow_unused=True)
+    flat = (torch.zeros_like(x) if g is None else g).flatten(1)
+    nan = ~torch.isfinite(flat).all(1)
+    zero = (flat == 0).all(1) & ~nan
+    out = []
+    if bool(nan.any()):
+        out.append(MaskingWarning("nan-gradient", f"input gradients are NaN/inf on {int(nan.sum())} of "
+                                  f"{len(nan)} clean inputs", "", float(nan.float().mean())))
+    if float(zero.float().mean()) > ZERO_GRAD_MAX_FRACTION:
+        out.append(MaskingWarning("zero-gradient", f"input gradients of the logit margin are exactly zero on "
+                                  f"{int(zero.sum())} of {len(zero)} clean inputs (a non-differentiable or "
+                                  f"saturated model hides its gradient)", "", float(zero.float().mean())))
+    return out
+
+
+def _unbounded_pgd(model, x, y, sample_ids, norm: str, seed: int) -> List[MaskingWarning]:
+    """PGD with a budget of half the image box's diameter (linf 0.5; l2 0.5 sqrt(d), a ball that
+    contains the linf 0.5 ball) must bring accuracy to ~0%."""
+    geometry = GEOMETRIES[norm]
+    th = ThreatModel(norm, UNBOUNDED_FRACTION * geometry.diameter(x[0].numel()))
+    atk = attacks.create("pgd", threat=th, steps=UNBOUNDED_STEPS, seed=seed)
+    acc = _accuracy(model, atk(model, x, y, sample_ids=sample_ids), y)
+    if acc <= UNBOUNDED_MAX_ACC:
+        return []
+    return [MaskingWarning("unbounded-pgd", f"PGD-{UNBOUNDED_STEPS} with an unbounded budget ({th}) leaves "
+                                            f"{pct(acc, 1)} accuracy on {len(y)} samples; it should reach ~0%",
+                           str(th), acc)]
+
+
+def _weaker_than_fgsm(model, x, y, sample_ids, result, seed: int) -> List[MaskingWarning]:
+    """Iterative attacks vs a quick FGSM on the subset, for the threat models the run had no FGSM in."""
+    pos = {int(i): k for k, i in enumerate(result.sample_ids.tolist())}
+    rows = torch.tensor([pos[int(i)] for i in sample_ids.tolist()], dtype=torch.long)
+    out = []
+    for t in result.threats:
+        iterative = {lab: r for lab, r in t.attacks.items() if int(r.config.get("steps", 1) or 1) > 1}
+        if any(r.name == "fgsm" for r in t.attacks.values()) or not iterative:
+            continue
+        fgsm = attacks.create("fgsm", threat=t.threat, seed=seed)
+        a_fgsm = _accuracy(model, fgsm(model, x, y, sample_ids=sample_ids), y)
+        for lab, r in iterative.items():
+            a = 1.0 - float(r.fooled[rows].float().mean())
+            if a > a_fgsm + FGSM_TOLERANCE:
+                out.append(MaskingWarning(
+                    "weaker-than-fgsm", f"iterative attack {lab} is weaker than FGSM under {t.threat} on "
+                    f"{len(rows)} samples: robust accuracy {pct(a, 1)} vs FGSM {pct(a_fgsm, 1)}",
+                    str(t.threat), a - a_fgsm))
+    return out
+
+
+def _accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
+    return int(accuracy(model, x, y, batch_size=max(1, len(y)))) / max(1, len(y))
 
 
 def check_run(model, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, result, *,

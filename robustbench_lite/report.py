@@ -344,15 +344,19 @@ def _write_report(path: Path, config: Dict[str, Any], summary: Dict[str, Any], t
         notes.append(f"no example images: {exc}")
     if tcsv is not None:
         files.append(plot_training(tcsv, path / "training_curves.png"))
-    info = robustbench_info(config, summary)
-    text = json.dumps(info, indent=2) + "\n"
-    atomic_write_text(path / "robustbench.json", text)
-    files.append(path / "robustbench.json")
-    if robustbench_json:
-        atomic_write_text(Path(robustbench_json), text)
-        files.append(Path(robustbench_json))
+    text = json.dumps(robustbench_info(config, summary), indent=2) + "\n"
+    for dest in [path / "robustbench.json"] + ([Path(robustbench_json)] if robustbench_json else []):
+        atomic_write_text(dest, text)
+        files.append(dest)
+    atomic_write_text(path / "report.md", "\n".join(report_markdown(config, summary, ex, tcsv, notes)))
+    files.append(path / "report.md")
+    return {"run_dir": str(path), "files": [str(f) for f in files], "notes": notes}
 
-    # report.md
+
+def report_markdown(config: Dict[str, Any], summary: Dict[str, Any], ex: Optional[Dict[str, Any]],
+                    tcsv: Optional[Path], notes: List[str]) -> List[str]:
+    """The lines of report.md: the run, masking warnings, robust accuracy per threat, the attacks'
+    settings, the plots (linked by relative path) and the notes."""
     lines = [f"# advbench run {config.get('run_id')}", "",
              f"- model: **{config.get('model')}** ({config.get('defense') or 'standard'}, "
              f"activation {config.get('activation')}), checkpoint `{config.get('checkpoint')}` "
@@ -377,8 +381,7 @@ def _write_report(path: Path, config: Dict[str, Any], summary: Dict[str, Any], t
     lines += ["", "## Attacks", "", f"Settings as resolved at {t0['norm']} eps={t0.get('eps_label') or t0['eps']} "
               f"(step sizes scale with eps):", ""]
     for a in config.get("attacks", []):
-        r = a.get("resolved", {})
-        shown = {k: v for k, v in r.items() if k not in ("attack", "norm", "eps")}
+        shown = {k: v for k, v in a.get("resolved", {}).items() if k not in ("attack", "norm", "eps")}
         lines.append(f"- `{a['label']}`: {a['name']} " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     lines += ["", "## Plots", "", "![robustness curve](robustness_curve.png)", ""]
     if ex is not None:
@@ -388,7 +391,4 @@ def _write_report(path: Path, config: Dict[str, Any], summary: Dict[str, Any], t
     if tcsv is not None:
         lines += [f"Training curves from `{tcsv}`:", "", "![training curves](training_curves.png)", ""]
     lines += [f"- {n}" for n in notes]
-    lines += ["", "RobustBench-style metadata: [robustbench.json](robustbench.json)", ""]
-    atomic_write_text(path / "report.md", "\n".join(lines))
-    files.append(path / "report.md")
-    return {"run_dir": str(path), "files": [str(f) for f in files], "notes": notes}
+    return lines + ["", "RobustBench-style metadata: [robustbench.json](robustbench.json)", ""]

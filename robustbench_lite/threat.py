@@ -161,6 +161,10 @@ class Geometry:
         """A point drawn uniformly from the eps-ball, one per sample id."""
         raise NotImplementedError
 
+    def diameter(self, d: int) -> float:
+        """The largest distance between two images of ``d`` pixels in [0, 1]."""
+        raise NotImplementedError
+
 
 class LinfGeometry(Geometry):
     name = "linf"
@@ -177,6 +181,9 @@ class LinfGeometry(Geometry):
     def random(self, like, eps, seed, stream, ids):
         u = rng.uniform(seed, stream, ids, like.shape[1:], dtype=like.dtype).to(like.device)
         return (2 * u - 1) * eps
+
+    def diameter(self, d):
+        return 1.0
 
 
 class L2Geometry(Geometry):
@@ -203,6 +210,9 @@ class L2Geometry(Geometry):
         u = rng.uniform(seed, stream + 1_000_003, ids, (1,), dtype=torch.float64).reshape(-1)
         r = (eps * u.pow(1.0 / d)).to(like.dtype).to(like.device)
         return z * _view(r, z)
+
+    def diameter(self, d):
+        return math.sqrt(d)
 
 
 GEOMETRIES = {"linf": LinfGeometry(), "l2": L2Geometry()}
