@@ -43,12 +43,20 @@ from .threat import ThreatModel, format_eps
 
 
 def _plt():
+    """matplotlib.pyplot on the Agg backend (no display); imported here, on the plotting path only."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 # --- loading a run --------------------------------------------------------------------------------
@@ -109,10 +117,7 @@ def plot_robustness_curve(summary: Dict[str, Any], out: Path) -> Path:
         ax.set_title(f"robustness curve ({norm})")
         ax.legend(fontsize=8)
     fig.suptitle(f"{summary.get('model')} on {summary.get('dataset')} (n={summary.get('n_examples')})")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def _strongest(summary: Dict[str, Any]) -> Tuple[Dict[str, Any], str]:
@@ -188,10 +193,7 @@ def plot_examples(ex: Dict[str, Any], out: Path) -> Path:
         axes[i, 0].set_ylabel(name, fontsize=9)
     fig.suptitle(f"{ex['label']} at {ex['threat']} (sample ids {', '.join(str(int(i)) for i in ex['ids'])})",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def read_training_csv(path) -> Dict[str, List[float]]:
@@ -233,10 +235,7 @@ def plot_training(path, out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"training curves ({Path(path).name})")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 # --- RobustBench-style JSON -------------------------------------------------------------------------
