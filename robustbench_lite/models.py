@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from attacks.engine import attack_mode
 from defenses.activations import ACTIVATIONS
 
 from .errors import AdvbenchError, SettingError
@@ -333,12 +334,11 @@ def model_for_dataset(name: str, dataset, activation: str = "relu", smooth_backw
                             f"has {h}x{w}")
     model = create_model(name, in_channels=c, num_classes=dataset.num_classes, input_size=h,
                          mean=dataset.mean, std=dataset.std, activation=activation, smooth_backward=smooth_backward)
-    was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, c, h, w))
+        with attack_mode(model, "eval"), torch.no_grad():
+            model(torch.zeros(1, c, h, w))
     except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a ViT built for 224 px, or non-square images
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise AdvbenchError(f"model {name!r} cannot take the {c}x{h}x{w} images of dataset {dataset.name} "
                             f"({why})") from None
-    return model.train(was_training)
+    return model
