@@ -103,7 +103,8 @@ class APGD(Attack):
                                 f"fooling iterate, else the best-loss one (keep='first-fool')")
         self.extra: Dict[str, Any] = cfg
 
-    def default_alpha(self, eps: float, steps: int) -> float:
+    @staticmethod
+    def default_alpha(eps: float, steps: int) -> float:
         return 2.0 * eps  # the initial step size eta^(0) of the paper
 
     def config(self) -> Dict[str, Any]:

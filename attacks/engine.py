@@ -264,7 +264,8 @@ class Attack:
         per restart ``steps`` with a gradient and a final one without."""
         return (self.restarts if self.random_start else 1) * (self.steps + 1)
 
-    def default_alpha(self, eps: float, steps: int) -> float:
+    @staticmethod
+    def default_alpha(eps: float, steps: int) -> float:
         """Step size when none is given. The engine's default is PGD's 2.5 * eps / steps
         (Madry et al. 2018), which lets a walk from any start reach the ball's far side."""
         return 2.5 * eps / steps
