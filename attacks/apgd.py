@@ -314,14 +314,11 @@ class APGDT(APGD):
                 sub = idx[~fooled[idx]]
                 if sub.numel() == 0:
                     break
-                xa, fa, la = self._walk_untargeted_success(model, x[sub], y[sub], ranked[sub, t], loss_fn,
-                                                           ids[sub], stream=t * restarts + r)
+                # targeted loss towards t, success = prediction != y (targeted=False in the fool test)
+                xa, fa, la = self._walk(model, x[sub], y[sub], ranked[sub, t], False, loss_fn, ids[sub],
+                                        stream=t * restarts + r)
                 take = fa | (la > best_loss[sub])
                 out[sub[take]] = xa[take]
                 best_loss[sub[take]] = la[take]
                 fooled[sub[fa]] = True
         return out
-
-    def _walk_untargeted_success(self, model, x, y, tgt, loss_fn, ids, stream):
-        # targeted loss towards tgt, success = prediction != y (targeted=False in the fool test)
-        return self._walk(model, x, y, tgt, False, loss_fn, ids, stream)
