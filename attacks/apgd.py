@@ -27,8 +27,8 @@ per-sample state that PGD does not have — a step size per sample, the previous
 momentum, counters of loss increases between checkpoints, the best point and its gradient for
 restarts — and changes the step size and the iterate per sample at the checkpoints. Folding
 that into the engine would complicate FGSM/BIM/PGD's loop for one attack. Everything else is the
-engine's: the call contract and input checks (Attack.__call__), parameter validation
-(Attack.__init__), attack_mode (eval mode, frozen parameters, restored on exit), the counted
+engine's: the call contract and input checks (Attack.__call__), the settings (APGDConfig
+extends AttackConfig with rho and momentum), attack_mode (eval mode, frozen parameters, restored on exit), the counted
 forward (Attack._forward, with optional bf16), target selection (Attack._labels), the
 geometry and random starts keyed by sample id (robustbench_lite.threat / rng) and the losses
 (attacks.losses). Bookkeeping follows the engine's ``first-fool``: a sample's first fooling
@@ -42,14 +42,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List
 
 import torch
 
 from robustbench_lite.errors import AdvbenchError
 
 from . import losses
-from .engine import ATTACKS, Attack, check_count
+from .engine import ATTACKS, Attack, AttackConfig, check_count
 
 
 # APGD-T attacks one target class after the other (AutoAttack: 9), each costing a full walk; the
@@ -78,37 +79,52 @@ def checkpoints(n_iter: int) -> List[int]:
     return out
 
 
+@dataclass(frozen=True)
+class APGDConfig(AttackConfig):
+    """The engine's settings plus APGD's own: ``rho`` (the fraction of successful steps below
+    which the step is halved) and ``momentum``, both in [0, 1]. keep must be first-fool."""
+
+    rho: float = 0.75
+    momentum: float = 0.75
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_own()
+        if self.keep != "first-fool":
+            raise AdvbenchError(f"invalid keep={self.keep!r} for attack {self.attack!r}: APGD returns the first "
+                                f"fooling iterate, else the best-loss one (keep='first-fool')")
+
+    def _check_own(self) -> None:
+        for key in ("rho", "momentum"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
+                raise AdvbenchError(f"invalid {key}={v!r} for attack {self.attack!r}: must be a number in [0, 1]")
+            self._put(key, float(v))
+
+
+@dataclass(frozen=True)
+class APGDTConfig(APGDConfig):
+    """APGD's settings plus ``n_target_classes``: how many of the top classes APGD-T targets."""
+
+    n_target_classes: int = 9
+
+    def _check_own(self) -> None:
+        super()._check_own()
+        self._put("n_target_classes", check_count(self.attack, "n_target_classes", self.n_target_classes,
+                                                  MAX_TARGET_CLASSES))
+
+
 class APGD(Attack):
     """APGD (Croce & Hein 2020); see the module docstring. Extra parameters: ``rho`` (0.75, the
     fraction of successful steps below which the step is halved), ``momentum`` (0.75)."""
 
     name = "apgd"
     defaults: Dict[str, Any] = {"steps": 100, "random_start": True, "restarts": 1, "loss": "ce"}
-    extra_defaults: Dict[str, Any] = {"rho": 0.75, "momentum": 0.75}
-
-    def __init__(self, threat=None, **kwargs: Any):
-        extra = {k: kwargs.pop(k) for k in list(kwargs) if k in self.extra_defaults}
-        super().__init__(threat, **kwargs)
-        cfg = {**self.extra_defaults, **{k: v for k, v in extra.items() if v is not None}}
-        for key in ("rho", "momentum"):
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
-                raise AdvbenchError(f"invalid {key}={v!r} for attack {self.name!r}: must be a number in [0, 1]")
-            cfg[key] = float(v)
-        if "n_target_classes" in cfg:
-            cfg["n_target_classes"] = check_count(self.name, "n_target_classes", cfg["n_target_classes"],
-                                                  MAX_TARGET_CLASSES)
-        if self.keep != "first-fool":
-            raise AdvbenchError(f"invalid keep={self.keep!r} for attack {self.name!r}: APGD returns the first "
-                                f"fooling iterate, else the best-loss one (keep='first-fool')")
-        self.extra: Dict[str, Any] = cfg
+    config_class = APGDConfig
 
     @staticmethod
     def default_alpha(eps: float, steps: int) -> float:
         return 2.0 * eps  # the initial step size eta^(0) of the paper
-
-    def config(self) -> Dict[str, Any]:
-        return {**super().config(), **self.extra}
 
     # -- the attack ------------------------------------------------------------------------
     def _attack(self, model, x, y, target, ids) -> torch.Tensor:
@@ -144,7 +160,7 @@ class APGD(Attack):
         """One APGD walk of ``steps`` iterations. Returns (x_adv, fooled, loss) per sample:
         the first fooling iterate, else the highest-loss one."""
         geo, eps, n_iter = self.threat.geometry, self.threat.eps, self.steps
-        rho, mom = self.extra["rho"], self.extra["momentum"]
+        rho, mom = self.settings.rho, self.settings.momentum
         n, dev = x.shape[0], x.device
         view = (-1,) + (1,) * (x.dim() - 1)
 
@@ -280,10 +296,10 @@ class APGDT(APGD):
 
     name = "apgd-t"
     defaults = {**APGD.defaults, "loss": "dlr-targeted"}
-    extra_defaults = {**APGD.extra_defaults, "n_target_classes": 9}
+    config_class = APGDTConfig
 
     def planned_forwards(self) -> int:
-        return 1 + self.extra["n_target_classes"] * super().planned_forwards()  # a clean pass, then per target
+        return 1 + self.settings.n_target_classes * super().planned_forwards()  # a clean pass, then per target
 
     def _attack(self, model, x, y, target, ids) -> torch.Tensor:
         if x.shape[0] == 0:
@@ -300,7 +316,7 @@ class APGDT(APGD):
         c = logits.shape[1]
         if c < 4:
             raise AdvbenchError(f"attack {self.name!r}: the targeted DLR loss needs at least 4 classes (got {c})")
-        k = min(self.extra["n_target_classes"], c - 1)
+        k = min(self.settings.n_target_classes, c - 1)
         ranked = logits.scatter(1, y.reshape(-1, 1), float("-inf")).topk(k, dim=1).indices  # (N, k), t != y
         out = x.clone()
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)

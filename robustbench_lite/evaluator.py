@@ -49,10 +49,6 @@ from .threat import ThreatModel, format_eps, parse_eps_list
 DEFAULT_ATTACKS = ("fgsm", "bim", "pgd")
 WORST_CASE = "worst-case"
 
-# engine parameters an attack spec may set (the engine validates the values)
-ATTACK_PARAMS = ("steps", "alpha", "random_start", "restarts", "loss", "targeted", "seed", "early_stop", "keep",
-                 "model_mode", "amp")
-
 ProgressFn = Callable[[ThreatModel, str, int, int], None]  # (threat, attack label, done, total)
 
 

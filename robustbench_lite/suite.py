@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import AdvbenchError
-from .evaluator import ATTACK_PARAMS, AttackSpec, EvalResult, build_attacks, evaluate, parse_attack_specs
+from .evaluator import AttackSpec, EvalResult, build_attacks, evaluate, parse_attack_specs
 from .threat import ThreatModel, check_norm, format_eps, parse_eps
 
 DEFAULT_DATASET = "mnist-5k"
@@ -92,13 +92,12 @@ def cli_attack_specs(names: str, steps: Optional[int] = None, alpha: Optional[st
     single-step ones such as fgsm), --restarts to the random-start ones (pgd), --loss and --amp
     to all."""
     import attacks
-    from attacks.engine import BASE_DEFAULTS
 
     specs = parse_attack_specs(names)
     alpha_v = parse_eps(alpha, what="--alpha") if alpha is not None else None
     out, used = [], {"--steps": False, "--alpha": False, "--restarts": False}
     for s in specs:
-        d = {**BASE_DEFAULTS, **getattr(attacks.ATTACKS.get(s.name), "defaults", {})}
+        d = attacks.defaults(s.name)
         params = dict(s.params)
         iterative = d.get("steps", 1) != 1
         if steps is not None and iterative:
@@ -461,7 +460,7 @@ TOP_KEYS = ("name", "description", "dataset", "data_dir", "download", "n_example
             "results_dir", "masking_checks", "channels_last", "compile", "models", "threats", "attacks")
 MODEL_KEYS = ("name", "checkpoint", "dataset")
 THREAT_KEYS = ("norm", "eps")
-ATTACK_KEYS = ("name", "label") + ATTACK_PARAMS
+ATTACK_KEYS = ("name", "label")  # an attack entry's own keys; the others are its parameters (attacks.parameters)
 _SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
 
@@ -724,7 +723,7 @@ def load_suite(path) -> Suite:
             _wrap(lambda: check_seed(a["seed"], f"{section}.seed"), where, il.child("seed").line)
         canonical = _wrap(lambda: attack_pkg.ATTACKS.canonical(str(a["name"])), where, il.child("name").line)
         # the engine's parameters, and the attack's own (APGD: rho, momentum, n_target_classes)
-        allowed = ATTACK_KEYS + tuple(getattr(attack_pkg.ATTACKS.get(canonical), "extra_defaults", {}) or {})
+        allowed = ATTACK_KEYS + attack_pkg.parameters(canonical)
         for k in a:
             if k not in allowed:
                 raise _unknown(where, il.key_line(k), k, section, allowed)
