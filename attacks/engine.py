@@ -26,7 +26,10 @@ per sample is ``keep``:
 Iterate 0 is the starting point: without a random start, a sample the model already gets wrong
 is returned unperturbed under first-fool. With early_stop=True a sample leaves the working batch
 as soon as it is fooled (the batch shrinks); restarts run only on samples that no iterate has
-fooled yet. Without a random start, restarts would repeat the same walk and are skipped.
+fooled yet. Without a random start, restarts would repeat the same walk and are skipped. The
+bookkeeping (the kept iterate per sample, the shrinking working batch) is attacks.bookkeeping's,
+shared with APGD; a step of the walk reads: loss and gradient, offer the iterate, drop the
+fooled, step and project.
 
 Settings. An attack's settings are one frozen AttackConfig (steps, alpha, random_start, restarts,
 loss, targeted, seed, early_stop, keep, model_mode, amp): the engine's defaults are its field
@@ -52,7 +55,7 @@ import contextlib
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -65,6 +68,7 @@ from robustbench_lite.runtime import AMP_CHOICES, parse_amp
 from robustbench_lite.threat import ThreatModel
 
 from . import losses
+from .bookkeeping import Kept, WorkingBatch
 
 # Every attack by name: the built-ins register in their modules (attacks/__init__.py imports them),
 # third-party attacks through the ``advbench.attacks`` entry-point group.
@@ -225,6 +229,34 @@ def random_targets(y: torch.Tensor, num_classes: int, seed: int, sample_ids: tor
     return (y + offset) % num_classes
 
 
+class Objective(NamedTuple):
+    """What a walk maximises, ``loss(logits, labels)`` per sample, and when a sample counts as
+    fooled: its prediction is ``labels`` (targeted) or is not ``y``."""
+
+    loss: losses.LossFn
+    targeted: bool
+
+    def fools(self, logits: torch.Tensor, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pred = logits.argmax(dim=1)
+        return pred == labels if self.targeted else pred != y
+
+
+def _into_box(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """delta moved so that x + delta lies in the image box [0, 1]."""
+    return (x + delta).clamp_(0, 1).sub_(x)
+
+
+@dataclass(eq=False)
+class _Walk(WorkingBatch):
+    """One walk's working batch: the clean images, the labels of the loss, the iterate delta and
+    its gradient."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    delta: torch.Tensor
+    grad: Optional[torch.Tensor] = None
+
+
 class Attack:
     """A gradient attack inside a threat model; see the module docstring for the algorithm.
 
@@ -357,6 +389,24 @@ class Attack:
             out = model(inp)
         return out.float()
 
+    def _loss_and_grad(self, model: nn.Module, inp: torch.Tensor, labels: torch.Tensor, loss_fn: losses.LossFn):
+        """One forward and one backward to the input (the loss summed over the batch):
+        (logits, per-sample loss, d loss / d inp), detached."""
+        inp = inp.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self._forward(model, inp)
+            loss = loss_fn(logits, labels)
+            (grad,) = torch.autograd.grad(loss.sum(), inp)
+        self._stats["backward"] += 1
+        self._stats["backward_samples"] += inp.shape[0]
+        return logits.detach(), loss.detach(), grad
+
+    def _loss(self, model: nn.Module, inp: torch.Tensor, labels: torch.Tensor, loss_fn: losses.LossFn):
+        """One forward without a gradient: (logits, per-sample loss)."""
+        with torch.no_grad():
+            logits = self._forward(model, inp)
+            return logits, loss_fn(logits, labels)
+
     def _labels(self, model, x, y, target, ids):
         """(labels the loss uses, targeted?) — true labels, or explicit/random/least-likely targets."""
         if target is not None:
@@ -379,111 +429,60 @@ class Attack:
         labels, targeted = self._labels(model, x, y, target, ids)
         if self.threat.eps == 0:
             return x.clone().clamp_(0, 1)  # nothing can move: the clean input is the answer
-        n = x.shape[0]
-        best_delta = torch.zeros_like(x)
-        best_loss = torch.full((n,), float("-inf"), device=x.device)
-        fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
-        loss_fn = losses.get_loss(self.loss, targeted)
+        s = self.settings
+        kept = Kept.start(torch.zeros_like(x))  # per sample: the kept delta
+        objective = Objective(losses.get_loss(s.loss, targeted), targeted)
         # Without a random start every restart would repeat the same deterministic walk.
-        restarts = self.restarts if self.random_start else 1
+        restarts = s.restarts if s.random_start else 1
         for r in range(restarts):
-            if r == 0:
-                idx = torch.arange(n, device=x.device)
-            else:  # restarts only for the samples that no iterate has fooled yet
-                idx = (~fooled).nonzero().reshape(-1)
-                if idx.numel() == 0:
-                    break
-            self._restart(model, x, labels, ids, targeted, loss_fn, r, r == restarts - 1, idx,
-                          best_delta, best_loss, fooled)
-        return (x + best_delta).clamp_(0, 1)
+            # restarts only for the samples that no iterate has fooled yet
+            rows = torch.arange(x.shape[0], device=x.device) if r == 0 else kept.unfooled()
+            if rows.numel() == 0:
+                break
+            xs = x[rows]
+            walk = _Walk.start(kept, rows, s.keep, x=xs, labels=labels[rows], delta=self._start(xs, ids[rows], r))
+            self._walk(model, walk, objective, final_restart=r == restarts - 1)
+        return (x + kept.iterate).clamp_(0, 1)
 
-    def _restart(self, model, x, labels, ids, targeted, loss_fn, r, final_restart, idx,
-                 best_delta, best_loss, fooled) -> None:
-        """One walk of ``steps`` steps for the samples ``idx``; results go into the (N,) buffers
-        best_delta / best_loss / fooled, written as samples finish."""
-        geo, eps, alpha, keep = self.threat.geometry, self.threat.eps, self.alpha, self.keep
-        view = (-1,) + (1,) * (x.dim() - 1)
-        xa, la = x[idx], labels[idx]
-        bd, bl = best_delta[idx], best_loss[idx]
-        fa = torch.zeros(idx.numel(), dtype=torch.bool, device=x.device)  # fooled in this walk
+    def _start(self, x: torch.Tensor, ids: torch.Tensor, r: int) -> torch.Tensor:
+        """delta_0 of restart r: a uniform point of the eps-ball (rng stream r), or 0."""
+        if not self.settings.random_start:
+            return torch.zeros_like(x)
+        return _into_box(x, self.threat.geometry.random(x, self.threat.eps, self.settings.seed, r, ids))
 
-        if self.random_start:
-            delta = geo.random(xa, eps, self.seed, r, ids[idx])
-            delta = (xa + delta).clamp_(0, 1).sub_(xa)
-        else:
-            delta = torch.zeros_like(xa)
+    def _ascent(self, w: _Walk) -> torch.Tensor:
+        """delta + alpha * step(grad), projected onto the eps-ball, then into the image box."""
+        geo, eps = self.threat.geometry, self.threat.eps
+        return _into_box(w.x, geo.project(w.delta + geo.step(w.grad, self.settings.alpha), eps))
 
-        def fools(logits: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
-            pred = logits.argmax(dim=1)
-            return pred == lab if targeted else pred != lab
+    def _walk(self, model: nn.Module, w: _Walk, objective: Objective, final_restart: bool) -> None:
+        """``steps`` steps for the samples of ``w``; their kept iterates go into ``w.into``."""
+        for _ in range(self.settings.steps):
+            logits, loss, w.grad = self._loss_and_grad(model, w.x + w.delta, w.labels, objective.loss)
+            w.offer(w.delta, loss, objective.fools(logits, w.labels, w.labels))
+            if self.settings.early_stop and not w.drop_fooled():
+                return
+            w.delta = self._ascent(w)
+        self._final_iterate(model, w, objective, final_restart)
+        w.store()
 
-        def update(loss: torch.Tensor, fool: torch.Tensor) -> None:
-            # choose, per sample, whether iterate ``delta`` replaces the kept one
-            nonlocal bd, bl, fa
-            if keep == "last":
-                bd, bl = delta, loss
-            else:
-                if keep == "first-fool":
-                    upd = ~fa & (fool | (loss > bl))
-                else:  # best-loss
-                    upd = loss > bl
-                bd = torch.where(upd.view(view), delta, bd)
-                bl = torch.where(upd, loss, bl)
-            fa = fa | fool
-
-        def store() -> None:
-            # write the working batch back into the (N,) buffers (no host sync: idx is known)
-            best_delta.index_copy_(0, idx, bd.to(best_delta.dtype))
-            best_loss.index_copy_(0, idx, bl)
-            fooled.index_copy_(0, idx, fooled[idx] | fa)
-
-        for _ in range(self.steps):
-            # one forward + one backward to the input; the loss is summed over the batch
-            delta.requires_grad_(True)
-            with torch.enable_grad():
-                logits = self._forward(model, xa + delta)
-                loss = loss_fn(logits, la)
-                (grad,) = torch.autograd.grad(loss.sum(), delta)
-            self._stats["backward"] += 1
-            self._stats["backward_samples"] += xa.shape[0]
-            delta = delta.detach()
-            loss = loss.detach()
-            update(loss, fools(logits.detach(), la))
-
-            if self.early_stop:  # fooled samples leave the batch (the one sync of the step)
-                alive = (~fa).nonzero().reshape(-1)
-                if alive.numel() < fa.numel():
-                    store()  # the leavers' results (the others' are overwritten later)
-                    if alive.numel() == 0:
-                        return
-                    idx, xa, la, delta, grad = idx[alive], xa[alive], la[alive], delta[alive], grad[alive]
-                    bd, bl, fa = bd[alive], bl[alive], fa[alive]
-
-            # the ascent step, projection onto the ball, then back into the image box
-            delta = geo.project(delta + geo.step(grad, alpha), eps)
-            delta = (xa + delta).clamp_(0, 1).sub_(xa)
-
-        # The final iterate: its fate matters only for samples not fooled yet (for best-loss: for
-        # all). keep="last" on the final restart needs no forward at all.
-        if keep == "last" and final_restart:
-            bd = delta
-        else:
-            need = None if keep == "best-loss" else (~fa).nonzero().reshape(-1)
-            if need is not None and need.numel() == fa.numel():
-                need = None  # everybody: no gather
-            if need is None or need.numel() > 0:
-                with torch.no_grad():
-                    if need is None:
-                        logits = self._forward(model, xa + delta)
-                        loss, fool = loss_fn(logits, la), fools(logits, la)
-                    else:  # the others are fooled already: their kept iterate cannot change
-                        logits = self._forward(model, xa[need] + delta[need])
-                        loss = torch.full_like(bl, float("-inf")).index_copy_(0, need, loss_fn(logits, la[need]))
-                        fool = torch.zeros_like(fa).index_copy_(0, need, fools(logits, la[need]))
-                update(loss, fool)
-            if keep == "last":
-                bd = delta
-        store()
+    def _final_iterate(self, model: nn.Module, w: _Walk, objective: Objective, final_restart: bool) -> None:
+        """Offer the last iterate. Its fate matters only for samples not fooled yet (for
+        best-loss: for all); keep="last" on the final restart needs no forward at all."""
+        keep = self.settings.keep
+        if keep == "last":
+            w.kept = w.delta
+            if final_restart:
+                return
+        need = None if keep == "best-loss" else (~w.fooled).nonzero().reshape(-1)
+        if need is None or need.numel() == w.fooled.numel():  # everybody: no gather
+            logits, loss = self._loss(model, w.x + w.delta, w.labels, objective.loss)
+            w.offer(w.delta, loss, objective.fools(logits, w.labels, w.labels))
+        elif need.numel() > 0:  # the others are fooled already: their kept iterate cannot change
+            labels = w.labels[need]
+            logits, loss = self._loss(model, w.x[need] + w.delta[need], labels, objective.loss)
+            w.offer(w.delta, torch.full_like(w.kept_loss, float("-inf")).index_copy_(0, need, loss),
+                    torch.zeros_like(w.fooled).index_copy_(0, need, objective.fools(logits, labels, labels)))
 
 
 # -- what a spec may set ---------------------------------------------------------------------------
