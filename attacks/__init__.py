@@ -7,11 +7,13 @@ Built-in: fgsm, bim (alias ifgsm), pgd, and apgd-ce, apgd-dlr, apgd-t (attacks.a
 Third-party attacks register on import through the ``advbench.attacks`` entry-point group, e.g.
 in their pyproject.toml:
 ``[project.entry-points."advbench.attacks"] mine = "mypkg.my_attack"`` where my_attack does
-``@attacks.ATTACKS.register("mine") class Mine(attacks.Attack): defaults = {...}``. The registry
-itself lives in attacks.engine, which every plugin imports.
+``@attacks.ATTACKS.register("mine") class Mine(attacks.Attack): defaults = {...}`` (and, for
+parameters of its own, ``config_class``: a frozen subclass of attacks.AttackConfig). The registry
+itself lives in attacks.engine, which every plugin imports. ``parameters(name)`` and
+``defaults(name)`` say which settings an attack takes and what they default to.
 
-This package stays light: importing it pulls in torch and robustbench_lite's registry/threat
-only (never the CLI or the evaluator).
+This package stays light: importing it pulls in torch and robustbench_lite's registry, threat,
+rng and runtime (the amp parser) only (never the CLI or the evaluator).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any, List, Optional
 from robustbench_lite.threat import ThreatModel
 
 from . import apgd, bim, fgsm, pgd  # noqa: F401  (the built-in attacks register themselves on import)
-from .engine import ATTACKS, Attack, attack_mode, random_targets, unwrap
+from .engine import ATTACKS, Attack, AttackConfig, attack_mode, defaults, parameters, random_targets, unwrap
 
 
 def create(name: str, threat: Optional[ThreatModel] = None, **kwargs: Any) -> Attack:
@@ -37,4 +39,5 @@ def names() -> List[str]:
     return ATTACKS.names()
 
 
-__all__ = ["ATTACKS", "Attack", "attack_mode", "create", "names", "random_targets", "unwrap"]
+__all__ = ["ATTACKS", "Attack", "AttackConfig", "attack_mode", "create", "defaults", "names", "parameters",
+           "random_targets", "unwrap"]

@@ -22,18 +22,21 @@ APGD with the targeted DLR loss towards t on the samples that survived the previ
 A sample counts as fooled when its prediction is not y (for apgd-t too: the target is a means),
 or, when ``target=`` is passed to the call, when its prediction is the target.
 
-Why a separate loop rather than the engine's (attacks.engine.Attack._restart): APGD carries
+Why a walk of its own rather than the engine's (attacks.engine.Attack._walk): APGD carries
 per-sample state that PGD does not have — a step size per sample, the previous iterate for the
 momentum, counters of loss increases between checkpoints, the best point and its gradient for
 restarts — and changes the step size and the iterate per sample at the checkpoints. Folding
-that into the engine would complicate FGSM/BIM/PGD's loop for one attack. Everything else is the
-engine's: the call contract and input checks (Attack.__call__), parameter validation
-(Attack.__init__), attack_mode (eval mode, frozen parameters, restored on exit), the counted
-forward (Attack._forward, with optional bf16), target selection (Attack._labels), the
-geometry and random starts keyed by sample id (robustbench_lite.threat / rng) and the losses
-(attacks.losses). Bookkeeping follows the engine's ``first-fool``: a sample's first fooling
-iterate is returned, else its highest-loss iterate; fooled samples leave the batch
-(early_stop=True), restarts run only on survivors.
+that into the engine would complicate FGSM/BIM/PGD's loop for one attack. A step of the walk
+reads: offer the iterate, drop the fooled, momentum step, loss and gradient, best point, and at a
+checkpoint the step-size rule (APGD._checkpoint). Everything else is the engine's: the call
+contract and input checks (Attack.__call__), the settings (APGDConfig extends AttackConfig with
+rho and momentum), attack_mode (eval mode, frozen parameters, restored on exit), the counted
+forward and backward (Attack._forward, _loss_and_grad, with optional bf16), target selection
+(Attack._labels), the per-sample bookkeeping (attacks.bookkeeping: the walk's state is a
+WorkingBatch, whose tensors shrink together), the geometry and random starts keyed by sample id
+(robustbench_lite.threat / rng) and the losses (attacks.losses). Bookkeeping follows the
+engine's ``first-fool``: a sample's first fooling iterate is returned, else its highest-loss
+iterate; fooled samples leave the batch (early_stop=True), restarts run only on survivors.
 
 Costs: steps + 1 forwards per restart (the gradient of the last iterate is not needed, so it
 gets a no-grad forward) and ``steps`` backwards to the input, on a shrinking batch.
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -49,7 +53,8 @@ import torch
 from robustbench_lite.errors import AdvbenchError
 
 from . import losses
-from .engine import ATTACKS, Attack, check_count
+from .bookkeeping import Kept, WorkingBatch, per_sample
+from .engine import ATTACKS, Attack, AttackConfig, Objective, check_count
 
 
 # APGD-T attacks one target class after the other (AutoAttack: 9), each costing a full walk; the
@@ -78,36 +83,75 @@ def checkpoints(n_iter: int) -> List[int]:
     return out
 
 
+@dataclass(frozen=True)
+class APGDConfig(AttackConfig):
+    """The engine's settings plus APGD's own: ``rho`` (the fraction of successful steps below
+    which the step is halved) and ``momentum``, both in [0, 1]. keep must be first-fool."""
+
+    rho: float = 0.75
+    momentum: float = 0.75
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_own()
+        if self.keep != "first-fool":
+            raise AdvbenchError(f"invalid keep={self.keep!r} for attack {self.attack!r}: APGD returns the first "
+                                f"fooling iterate, else the best-loss one (keep='first-fool')")
+
+    def _check_own(self) -> None:
+        for key in ("rho", "momentum"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
+                raise AdvbenchError(f"invalid {key}={v!r} for attack {self.attack!r}: must be a number in [0, 1]")
+            self._put(key, float(v))
+
+
+@dataclass(frozen=True)
+class APGDTConfig(APGDConfig):
+    """APGD's settings plus ``n_target_classes``: how many of the top classes APGD-T targets."""
+
+    n_target_classes: int = 9
+
+    def _check_own(self) -> None:
+        super()._check_own()
+        self._put("n_target_classes", check_count(self.attack, "n_target_classes", self.n_target_classes,
+                                                  MAX_TARGET_CLASSES))
+
+
+@dataclass(eq=False)
+class _APGDWalk(WorkingBatch):
+    """One APGD walk's working batch: the clean images x, true labels y, loss labels lab, the
+    iterate x_adv and the previous one x_prev, the gradient, the best point so far (x_best,
+    loss_best, grad_best), the previous loss, the step size eta, the count of loss increases
+    since the last checkpoint, and whether the last checkpoint reduced eta (with f_max then)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    lab: torch.Tensor
+    x_adv: torch.Tensor
+    x_prev: torch.Tensor
+    grad: Optional[torch.Tensor]
+    x_best: torch.Tensor
+    loss_best: torch.Tensor
+    grad_best: torch.Tensor
+    loss_prev: torch.Tensor
+    eta: torch.Tensor
+    n_incr: torch.Tensor
+    reduced_last: torch.Tensor
+    loss_best_last: torch.Tensor
+
+
 class APGD(Attack):
     """APGD (Croce & Hein 2020); see the module docstring. Extra parameters: ``rho`` (0.75, the
     fraction of successful steps below which the step is halved), ``momentum`` (0.75)."""
 
     name = "apgd"
     defaults: Dict[str, Any] = {"steps": 100, "random_start": True, "restarts": 1, "loss": "ce"}
-    extra_defaults: Dict[str, Any] = {"rho": 0.75, "momentum": 0.75}
+    config_class = APGDConfig
 
-    def __init__(self, threat=None, **kwargs: Any):
-        extra = {k: kwargs.pop(k) for k in list(kwargs) if k in self.extra_defaults}
-        super().__init__(threat, **kwargs)
-        cfg = {**self.extra_defaults, **{k: v for k, v in extra.items() if v is not None}}
-        for key in ("rho", "momentum"):
-            v = cfg[key]
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
-                raise AdvbenchError(f"invalid {key}={v!r} for attack {self.name!r}: must be a number in [0, 1]")
-            cfg[key] = float(v)
-        if "n_target_classes" in cfg:
-            cfg["n_target_classes"] = check_count(self.name, "n_target_classes", cfg["n_target_classes"],
-                                                  MAX_TARGET_CLASSES)
-        if self.keep != "first-fool":
-            raise AdvbenchError(f"invalid keep={self.keep!r} for attack {self.name!r}: APGD returns the first "
-                                f"fooling iterate, else the best-loss one (keep='first-fool')")
-        self.extra: Dict[str, Any] = cfg
-
-    def default_alpha(self, eps: float, steps: int) -> float:
+    @staticmethod
+    def default_alpha(eps: float, steps: int) -> float:
         return 2.0 * eps  # the initial step size eta^(0) of the paper
-
-    def config(self) -> Dict[str, Any]:
-        return {**super().config(), **self.extra}
 
     # -- the attack ------------------------------------------------------------------------
     def _attack(self, model, x, y, target, ids) -> torch.Tensor:
@@ -116,140 +160,102 @@ class APGD(Attack):
         lab, targeted = self._labels(model, x, y, target, ids)
         if self.threat.eps == 0:
             return x.clone().clamp_(0, 1)
-        loss_fn = losses.get_loss(self.loss, targeted)
-        out, _ = self._restarts(model, x, y, lab, targeted, loss_fn, ids, stream0=0)
-        return out
+        objective = Objective(losses.get_loss(self.settings.loss, targeted), targeted)
+        kept = Kept.start(x.clone())
+        self._restarts(model, x, y, lab, ids, objective, kept)
+        return kept.iterate
 
-    def _restarts(self, model, x, y, lab, targeted, loss_fn, ids, stream0: int):
-        """Run ``restarts`` APGD walks (each on the survivors of the previous ones).
-        Returns (x_adv, fooled) for all samples."""
-        n = x.shape[0]
-        out = x.clone()
-        fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
-        best_loss = torch.full((n,), float("-inf"), device=x.device)
-        restarts = self.restarts if self.random_start else 1
-        for r in range(restarts):
-            idx = (~fooled).nonzero().reshape(-1)
-            if idx.numel() == 0:
-                break
-            xa, fa, la = self._walk(model, x[idx], y[idx], lab[idx], targeted, loss_fn, ids[idx], stream0 + r)
-            take = fa | (la > best_loss[idx])
-            out[idx[take]] = xa[take]
-            best_loss[idx[take]] = la[take]
-            fooled[idx[fa]] = True
-        return out, fooled
+    def _restarts(self, model, x, y, lab, ids, objective: Objective, kept: Kept, stream0: int = 0) -> bool:
+        """Up to ``restarts`` walks (rng streams stream0 + r), each on the samples that no walk
+        has fooled yet. False once every sample is fooled."""
+        for r in range(self.settings.restarts if self.settings.random_start else 1):
+            rows = kept.unfooled()
+            if rows.numel() == 0:
+                return False
+            w, loss, fool = self._begin(model, x, y, lab, ids, objective, kept, rows, stream0 + r)
+            self._walk(model, w, loss, fool, objective)
+        return True
 
-    def _walk(self, model, x, y, lab, targeted, loss_fn, ids, stream: int):
-        """One APGD walk of ``steps`` iterations. Returns (x_adv, fooled, loss) per sample:
-        the first fooling iterate, else the highest-loss one."""
-        geo, eps, n_iter = self.threat.geometry, self.threat.eps, self.steps
-        rho, mom = self.extra["rho"], self.extra["momentum"]
-        n, dev = x.shape[0], x.device
-        view = (-1,) + (1,) * (x.dim() - 1)
-
-        def proj(xa_, base):
-            d = geo.project(xa_ - base, eps)
-            return (base + d).clamp_(0, 1)
-
-        def evaluate(inp, lb, need_grad: bool):
-            if need_grad:
-                inp = inp.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    logits = self._forward(model, inp)
-                    loss = loss_fn(logits, lb)
-                    (g,) = torch.autograd.grad(loss.sum(), inp)
-                self._stats["backward"] += 1
-                self._stats["backward_samples"] += inp.shape[0]
-                return logits.detach(), loss.detach(), g.detach()
-            with torch.no_grad():
-                logits = self._forward(model, inp)
-                return logits, loss_fn(logits, lb), None
-
-        def fools(logits, yy, lb):
-            pred = logits.argmax(1)
-            return pred == lb if targeted else pred != yy
-
-        out_x = x.clone()
-        out_fooled = torch.zeros(n, dtype=torch.bool, device=dev)
-        out_loss = torch.full((n,), float("-inf"), device=dev)
-
-        if self.random_start:
-            x_adv = (x + geo.random(x, eps, self.seed, stream, ids)).clamp_(0, 1)
+    def _begin(self, model, x, y, lab, ids, objective: Objective, kept: Kept, rows: torch.Tensor, stream: int):
+        """A walk's working batch at iterate 0 (a random point of the ball, or x), with its loss
+        and gradient; returns (walk, loss, fool) of iterate 0."""
+        s, xs, lab = self.settings, x[rows], lab[rows]
+        if s.random_start:
+            x_adv = (xs + self.threat.geometry.random(xs, self.threat.eps, s.seed, stream, ids[rows])).clamp_(0, 1)
         else:
-            x_adv = x.clone()
-        logits, loss, grad = evaluate(x_adv, lab, need_grad=n_iter > 0)
-        # working-batch state (rows = samples still being attacked; idx maps them to 0..n-1)
-        idx = torch.arange(n, device=dev)
-        xw, yw, lw = x, y, lab
-        fool = fools(logits, yw, lw)
-        x_best, loss_best, grad_best = x_adv.clone(), loss.clone(), grad
-        x_prev = x_adv.clone()
-        loss_prev = loss.clone()
-        eta = torch.full((n,), float(self.alpha), device=dev, dtype=x.dtype)
-        n_incr = torch.zeros(n, device=dev)
-        reduced_last = torch.zeros(n, dtype=torch.bool, device=dev)
-        loss_best_last = loss_best.clone()
-        ckpts = checkpoints(n_iter)
-        j = 1
+            x_adv = xs.clone()
+        logits, loss, grad = self._loss_and_grad(model, x_adv, lab, objective.loss)
+        n, dev = xs.shape[0], xs.device
+        w = _APGDWalk.start(kept, rows, s.keep, x=xs, y=y[rows], lab=lab, x_adv=x_adv, x_prev=x_adv.clone(),
+                            grad=grad, x_best=x_adv.clone(), loss_best=loss.clone(), grad_best=grad,
+                            loss_prev=loss.clone(), eta=torch.full((n,), s.alpha, device=dev, dtype=xs.dtype),
+                            n_incr=torch.zeros(n, device=dev),
+                            reduced_last=torch.zeros(n, dtype=torch.bool, device=dev), loss_best_last=loss.clone())
+        return w, loss, objective.fools(logits, w.y, w.lab)
 
-        for i in range(n_iter + 1):
-            # record the samples the current iterate fools, then drop them (one sync per step)
-            if bool(fool.any()):
-                out_x[idx[fool]] = x_adv[fool]
-                out_fooled[idx[fool]] = True
-                out_loss[idx[fool]] = loss[fool]
-                # (after the final iterate nothing is left to step: no shrinking, and its
-                # gradient was never computed, so grad is None there)
-                if self.early_stop and i < n_iter:
-                    keep = (~fool).nonzero().reshape(-1)
-                    if keep.numel() == 0:
-                        return out_x, out_fooled, out_loss
-                    idx, xw, yw, lw = idx[keep], xw[keep], yw[keep], lw[keep]
-                    x_adv, x_prev, grad = x_adv[keep], x_prev[keep], grad[keep]
-                    x_best, loss_best, grad_best = x_best[keep], loss_best[keep], grad_best[keep]
-                    loss_prev, eta, n_incr = loss_prev[keep], eta[keep], n_incr[keep]
-                    reduced_last, loss_best_last = reduced_last[keep], loss_best_last[keep]
-                    fool = fool[keep]
-            if i == n_iter:
-                break
-            # the step: gradient step, projection, momentum, projection
-            a = 1.0 if i == 0 else mom
-            z = proj(x_adv + eta.view(view) * geo.step(grad, 1.0), xw)
-            x_new = proj(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), xw)
-            x_prev, x_adv = x_adv, x_new
-            logits, loss, grad = evaluate(x_adv, lw, need_grad=i + 1 < n_iter)
-            fool = fools(logits, yw, lw)
-            if not self.early_stop:  # fooled samples stay: keep their first fooling iterate
-                fool = fool & ~out_fooled[idx]
-            n_incr += (loss > loss_prev).to(n_incr.dtype)
-            loss_prev = loss
-            better = loss > loss_best
-            x_best = torch.where(better.view(view), x_adv, x_best)
-            loss_best = torch.where(better, loss, loss_best)
-            if grad is not None:
-                grad_best = torch.where(better.view(view), grad, grad_best)
-            # checkpoint w_j: halve the step and restart from the best point where needed
-            if j < len(ckpts) and i + 1 == ckpts[j]:
-                h = ckpts[j] - ckpts[j - 1]
-                cond_a = n_incr < rho * h
-                cond_b = ~reduced_last & (loss_best <= loss_best_last)
-                red = cond_a | cond_b
-                eta = torch.where(red, eta / 2, eta)
-                x_adv = torch.where(red.view(view), x_best, x_adv)
-                x_prev = torch.where(red.view(view), x_best, x_prev)
-                loss_prev = torch.where(red, loss_best, loss_prev)  # the walk goes on from x_max
-                if grad is not None:
-                    grad = torch.where(red.view(view), grad_best, grad)
-                reduced_last = red
-                loss_best_last = loss_best.clone()
-                n_incr = torch.zeros_like(n_incr)
-                j += 1
+    def _walk(self, model, w: _APGDWalk, loss: torch.Tensor, fool: torch.Tensor, objective: Objective) -> None:
+        """One APGD walk of ``steps`` iterations from iterate 0 (``_begin``'s w, loss, fool); each
+        sample's first fooling iterate, else its highest-loss one, goes into ``w.into``."""
+        ckpts = checkpoints(self.settings.steps)
+        since_last = {b: b - a for a, b in zip(ckpts, ckpts[1:])}  # w_j -> w_j - w_{j-1}
+        for i in range(self.settings.steps):
+            # (after a checkpoint that sent a sample back, x_adv is its x_max while loss and fool
+            # are those of the iterate evaluated before: a sample fooled right there keeps x_max.
+            # That is how the loop behaved before the bookkeeping was shared; kept as it was.)
+            w.offer(w.x_adv, loss, fool)
+            if self.settings.early_stop and not w.drop_fooled():
+                return
+            self._momentum_step(w, i)
+            loss, fool = self._evaluate(model, w, objective, last=i + 1 == self.settings.steps)
+            if i + 1 in since_last:
+                self._checkpoint(w, since_last[i + 1])
+        w.offer(w.x_adv, loss, fool)  # the last iterate (no gradient: nobody steps from it)
+        w.store()
 
-        # survivors: their highest-loss iterate
-        alive = ~out_fooled[idx]
-        out_x[idx[alive]] = x_best[alive]
-        out_loss[idx[alive]] = loss_best[alive]
-        return out_x, out_fooled, out_loss
+    def _project(self, x_new: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """P: the closest point of the eps-ball around x, then into the image box."""
+        return (x + self.threat.geometry.project(x_new - x, self.threat.eps)).clamp_(0, 1)
+
+    def _momentum_step(self, w: _APGDWalk, i: int) -> None:
+        """z = P(x_k + eta step(grad)),  x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1})),
+        a = momentum (1 at k = 0)."""
+        a = 1.0 if i == 0 else self.settings.momentum
+        z = self._project(w.x_adv + per_sample(w.eta, w.x_adv) * self.threat.geometry.step(w.grad, 1.0), w.x)
+        x_next = self._project(w.x_adv + a * (z - w.x_adv) + (1 - a) * (w.x_adv - w.x_prev), w.x)
+        w.x_prev, w.x_adv = w.x_adv, x_next
+
+    def _evaluate(self, model, w: _APGDWalk, objective: Objective, last: bool):
+        """The new iterate's loss (and gradient, but for the last one), the count of loss
+        increases, and the best point so far. Returns (loss, fool)."""
+        if last:
+            logits, loss = self._loss(model, w.x_adv, w.lab, objective.loss)
+            w.grad = None
+        else:
+            logits, loss, w.grad = self._loss_and_grad(model, w.x_adv, w.lab, objective.loss)
+        w.n_incr += (loss > w.loss_prev).to(w.n_incr.dtype)
+        w.loss_prev = loss
+        better = loss > w.loss_best
+        w.x_best = torch.where(per_sample(better, w.x_adv), w.x_adv, w.x_best)
+        w.loss_best = torch.where(better, loss, w.loss_best)
+        if w.grad is not None:
+            w.grad_best = torch.where(per_sample(better, w.grad), w.grad, w.grad_best)
+        return loss, objective.fools(logits, w.y, w.lab)
+
+    def _checkpoint(self, w: _APGDWalk, h: int) -> None:
+        """At checkpoint w_j, h iterations after w_{j-1}: halve the step size of a sample and go
+        back to its best point x_max when (a) fewer than rho * h of the steps since increased the
+        loss, or (b) its step size and its best loss f_max did not change since w_{j-1}."""
+        red = (w.n_incr < self.settings.rho * h) | (~w.reduced_last & (w.loss_best <= w.loss_best_last))
+        back = per_sample(red, w.x_adv)
+        w.eta = torch.where(red, w.eta / 2, w.eta)
+        w.x_adv = torch.where(back, w.x_best, w.x_adv)
+        w.x_prev = torch.where(back, w.x_best, w.x_prev)  # no momentum after going back
+        w.loss_prev = torch.where(red, w.loss_best, w.loss_prev)  # the walk goes on from x_max
+        if w.grad is not None:
+            w.grad = torch.where(back, w.grad_best, w.grad)
+        w.reduced_last = red
+        w.loss_best_last = w.loss_best.clone()
+        w.n_incr = torch.zeros_like(w.n_incr)
 
 
 @ATTACKS.register("apgd-ce", aliases=("apgd",),
@@ -279,48 +285,36 @@ class APGDT(APGD):
 
     name = "apgd-t"
     defaults = {**APGD.defaults, "loss": "dlr-targeted"}
-    extra_defaults = {**APGD.extra_defaults, "n_target_classes": 9}
+    config_class = APGDTConfig
 
     def planned_forwards(self) -> int:
-        return 1 + self.extra["n_target_classes"] * super().planned_forwards()  # a clean pass, then per target
+        return 1 + self.settings.n_target_classes * super().planned_forwards()  # a clean pass, then per target
 
     def _attack(self, model, x, y, target, ids) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.clone()
         if self.threat.eps == 0:
             return x.clone().clamp_(0, 1)
-        loss_fn = losses.get_loss(self.loss, True)
-        if target is not None or self.targeted:
+        loss_fn = losses.get_loss(self.settings.loss, True)
+        kept = Kept.start(x.clone())
+        if target is not None or self.settings.targeted:
             lab, _ = self._labels(model, x, y, target, ids)
-            out, _ = self._restarts(model, x, y, lab, True, loss_fn, ids, stream0=0)
-            return out
+            self._restarts(model, x, y, lab, ids, Objective(loss_fn, True), kept)
+            return kept.iterate
+        ranked = self._target_classes(model, x, y)
+        restarts = self.settings.restarts if self.settings.random_start else 1
+        for t in range(ranked.shape[1]):  # targeted loss towards t, success = prediction != y
+            if not self._restarts(model, x, y, ranked[:, t], ids, Objective(loss_fn, False), kept, t * restarts):
+                break
+        return kept.iterate
+
+    def _target_classes(self, model, x, y) -> torch.Tensor:
+        """(N, k): per sample the k = min(n_target_classes, C - 1) classes t != y with the
+        highest clean logits, best first (one clean forward)."""
         with torch.no_grad():
             logits = self._forward(model, x)
         c = logits.shape[1]
         if c < 4:
             raise AdvbenchError(f"attack {self.name!r}: the targeted DLR loss needs at least 4 classes (got {c})")
-        k = min(self.extra["n_target_classes"], c - 1)
-        ranked = logits.scatter(1, y.reshape(-1, 1), float("-inf")).topk(k, dim=1).indices  # (N, k), t != y
-        out = x.clone()
-        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
-        restarts = self.restarts if self.random_start else 1
-        for t in range(k):
-            idx = (~fooled).nonzero().reshape(-1)
-            if idx.numel() == 0:
-                break
-            for r in range(restarts):
-                sub = idx[~fooled[idx]]
-                if sub.numel() == 0:
-                    break
-                xa, fa, la = self._walk_untargeted_success(model, x[sub], y[sub], ranked[sub, t], loss_fn,
-                                                           ids[sub], stream=t * restarts + r)
-                take = fa | (la > best_loss[sub])
-                out[sub[take]] = xa[take]
-                best_loss[sub[take]] = la[take]
-                fooled[sub[fa]] = True
-        return out
-
-    def _walk_untargeted_success(self, model, x, y, tgt, loss_fn, ids, stream):
-        # targeted loss towards tgt, success = prediction != y (targeted=False in the fool test)
-        return self._walk(model, x, y, tgt, False, loss_fn, ids, stream)
+        k = min(self.settings.n_target_classes, c - 1)
+        return logits.scatter(1, y.reshape(-1, 1), float("-inf")).topk(k, dim=1).indices

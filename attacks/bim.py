@@ -21,5 +21,6 @@ class BIM(Attack):
     name = "bim"
     defaults = {"steps": 10, "random_start": False, "restarts": 1}
 
-    def default_alpha(self, eps: float, steps: int) -> float:
+    @staticmethod
+    def default_alpha(eps: float, steps: int) -> float:
         return 1.25 * eps / steps

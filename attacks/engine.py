@@ -26,7 +26,16 @@ per sample is ``keep``:
 Iterate 0 is the starting point: without a random start, a sample the model already gets wrong
 is returned unperturbed under first-fool. With early_stop=True a sample leaves the working batch
 as soon as it is fooled (the batch shrinks); restarts run only on samples that no iterate has
-fooled yet. Without a random start, restarts would repeat the same walk and are skipped.
+fooled yet. Without a random start, restarts would repeat the same walk and are skipped. The
+bookkeeping (the kept iterate per sample, the shrinking working batch) is attacks.bookkeeping's,
+shared with APGD; a step of the walk reads: loss and gradient, offer the iterate, drop the
+fooled, step and project.
+
+Settings. An attack's settings are one frozen AttackConfig (steps, alpha, random_start, restarts,
+loss, targeted, seed, early_stop, keep, model_mode, amp): the engine's defaults are its field
+defaults, its checks are in __post_init__ and name the parameter. A plugin states its own
+defaults (``defaults``) and, for parameters of its own, a config subclass (``config_class``, e.g.
+APGD's rho and momentum); alpha=None takes the plugin's ``default_alpha(eps, steps)``.
 
 Randomness (random start, random targets) comes from robustbench_lite.rng keyed by
 (seed, stream, sample id): the random start of restart r uses stream r. So attacking sample i
@@ -43,20 +52,23 @@ finite and in [0, 1]) adds one sync per call.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import numbers
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from robustbench_lite import rng
-from robustbench_lite.errors import AdvbenchError
-from robustbench_lite.registry import Registry
+from robustbench_lite.errors import AdvbenchError, SettingError
+from robustbench_lite.registry import Registry, suggest
+from robustbench_lite.runtime import AMP_CHOICES, parse_amp
 from robustbench_lite.threat import ThreatModel
 
 from . import losses
+from .bookkeeping import Kept, WorkingBatch
 
 # Every attack by name: the built-ins register in their modules (attacks/__init__.py imports them),
 # third-party attacks through the ``advbench.attacks`` entry-point group.
@@ -65,7 +77,6 @@ ATTACKS = Registry("attack", entry_point_group="advbench.attacks")
 KEEP_CHOICES = ("first-fool", "best-loss", "last")
 TARGETED_CHOICES = ("random", "least-likely")
 MODEL_MODES = ("eval", "train")
-AMP_CHOICES = ("bf16",)
 TARGET_STREAM = 1 << 28  # rng stream of random targets (restart r's random start uses stream r)
 # Upper bounds of the counts: far above any real evaluation (AutoAttack runs 100 steps and 1-5
 # restarts; the attack's cost grows linearly in both), so a value above them is a typo or an
@@ -74,20 +85,109 @@ MAX_STEPS = 10_000
 MAX_RESTARTS = 1_000
 IMAGE_RANGE_ERROR = "images must be finite and in [0, 1] (normalisation belongs inside the model)"
 
-# Engine-wide defaults; a plugin's ``defaults`` override them, explicit arguments override both.
-BASE_DEFAULTS: Dict[str, Any] = dict(
-    steps=10, alpha=None, random_start=False, restarts=1, loss="ce", targeted=False, seed=0,
-    early_stop=True, keep="first-fool", model_mode="eval", amp=None,
-)
+
+# -- settings ------------------------------------------------------------------------------------
+def _err(attack: str, param: str, value: Any, expected: str) -> AdvbenchError:
+    return AdvbenchError(f"invalid {param}={value!r} for attack {attack!r}: {expected}")
 
 
+def check_count(attack: str, param: str, value: Any, limit: int) -> int:
+    """``value`` as an int in [1, limit], else an AdvbenchError naming the parameter and the limit."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= limit:
+        raise _err(attack, param, value, f"must be an integer between 1 and {limit}")
+    return int(value)
+
+
+def _word(value: Any) -> str:
+    return str(value).strip().lower().replace("_", "-")
+
+
+def _not_one_of(attack: str, param: str, value: Any, choices: Sequence[str], word: str) -> AdvbenchError:
+    hint = suggest(word, choices, cutoff=0.5)
+    return _err(attack, param, value, f"expected one of {', '.join(choices)}" + (f" ({hint})" if hint else ""))
+
+
+def _choice(attack: str, param: str, value: Any, choices: Sequence[str]) -> str:
+    if _word(value) in choices:
+        return _word(value)
+    raise _not_one_of(attack, param, value, choices, _word(value))
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The engine's settings of one attack (``attack`` names it in messages). The defaults are the
+    engine's; a plugin's ``defaults`` override them. alpha=None: the plugin's default step size,
+    which Attack fills in (it depends on eps). Values are checked and normalised on construction."""
+
+    attack: str
+    steps: int = 10
+    alpha: Optional[float] = None
+    random_start: bool = False
+    restarts: int = 1
+    loss: str = "ce"
+    targeted: Union[bool, str] = False  # False, "random" or "least-likely" (alias "ll")
+    seed: int = 0
+    early_stop: bool = True
+    keep: str = "first-fool"  # see the module docstring
+    model_mode: str = "eval"
+    amp: Optional[str] = None  # None (float32) or "bf16"
+
+    def __post_init__(self) -> None:
+        n, put = self.attack, self._put
+        put("steps", check_count(n, "steps", self.steps, MAX_STEPS))
+        put("restarts", check_count(n, "restarts", self.restarts, MAX_RESTARTS))
+        a = self.alpha
+        if a is not None:
+            if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a < 0:
+                raise _err(n, "alpha", a, "the step size must be a finite number >= 0")
+            put("alpha", float(a))
+        for key in ("random_start", "early_stop"):
+            if not isinstance(getattr(self, key), bool):
+                raise _err(n, key, getattr(self, key), "must be True or False")
+        try:
+            put("loss", losses.check_loss(self.loss))
+        except AdvbenchError:
+            raise _not_one_of(n, "loss", self.loss, losses.LOSSES.names(), str(self.loss).lower()) from None
+        put("targeted", self._targets())
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise _err(n, "seed", self.seed, "must be an integer")
+        put("seed", int(self.seed))
+        put("keep", _choice(n, "keep", self.keep, KEEP_CHOICES))
+        put("model_mode", _choice(n, "model_mode", self.model_mode, MODEL_MODES))
+        try:
+            put("amp", parse_amp(self.amp))
+        except SettingError:
+            raise _not_one_of(n, "amp", self.amp, AMP_CHOICES, _word(self.amp)) from None
+
+    def _put(self, key: str, value: Any) -> None:
+        object.__setattr__(self, key, value)  # normalising a frozen dataclass in __post_init__
+
+    def _targets(self) -> Union[bool, str]:
+        t = self.targeted
+        if t is True:
+            raise _err(self.attack, "targeted", t, "say which targets: 'random' or 'least-likely' "
+                                                   "(or pass target= when calling the attack)")
+        if t is False or (isinstance(t, str) and t.strip().lower() in ("", "false", "none", "no")):
+            return False
+        t = _choice(self.attack, "targeted", t, TARGETED_CHOICES + ("ll",))
+        return "least-likely" if t == "ll" else t
+
+    @classmethod
+    def parameters(cls) -> Tuple[str, ...]:
+        """The settings an attack of this config takes (its fields but ``attack``)."""
+        return tuple(f.name for f in fields(cls) if f.name != "attack")
+
+    @classmethod
+    def defaults(cls) -> Dict[str, Any]:
+        return {f.name: f.default for f in fields(cls) if f.name != "attack"}
+
+
+# -- the model and the inputs ------------------------------------------------------------------
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel wrapper (the model itself otherwise). Attacks
     take gradients to the input only, so they run on the local module: a forward through the
     wrapper would arm DDP's gradient all-reduce (and broadcast buffers) for a backward that never
     comes to the parameters."""
-    from torch.nn.parallel import DistributedDataParallel
-
     while isinstance(model, DistributedDataParallel):
         model = model.module
     return model
@@ -112,17 +212,6 @@ def attack_mode(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
             m.training = training
 
 
-def _err(attack: str, param: str, value: Any, expected: str) -> AdvbenchError:
-    return AdvbenchError(f"invalid {param}={value!r} for attack {attack!r}: {expected}")
-
-
-def check_count(attack: str, param: str, value: Any, limit: int) -> int:
-    """``value`` as an int in [1, limit], else an AdvbenchError naming the parameter and the limit."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= limit:
-        raise _err(attack, param, value, f"must be an integer between 1 and {limit}")
-    return int(value)
-
-
 def check_images(x: torch.Tensor) -> None:
     """Refuse images that are not finite or not in [0, 1] (the project's convention: normalisation
     belongs inside the model). One pass over x and one host sync."""
@@ -133,15 +222,6 @@ def check_images(x: torch.Tensor) -> None:
         raise AdvbenchError(IMAGE_RANGE_ERROR)
 
 
-def _choice(attack: str, param: str, value: Any, choices: Sequence[str]) -> str:
-    v = str(value).strip().lower().replace("_", "-")
-    if v in choices:
-        return v
-    close = difflib.get_close_matches(v, choices, n=1, cutoff=0.5)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise _err(attack, param, value, f"expected one of {', '.join(choices)}{hint}")
-
-
 def random_targets(y: torch.Tensor, num_classes: int, seed: int, sample_ids: torch.Tensor) -> torch.Tensor:
     """One target class per sample, uniform over the classes != y, keyed by (seed, sample id)
     so that it does not depend on batching (what targeted="random" uses)."""
@@ -149,48 +229,71 @@ def random_targets(y: torch.Tensor, num_classes: int, seed: int, sample_ids: tor
     return (y + offset) % num_classes
 
 
+class Objective(NamedTuple):
+    """What a walk maximises, ``loss(logits, labels)`` per sample, and when a sample counts as
+    fooled: its prediction is ``labels`` (targeted) or is not ``y``."""
+
+    loss: losses.LossFn
+    targeted: bool
+
+    def fools(self, logits: torch.Tensor, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pred = logits.argmax(dim=1)
+        return pred == labels if self.targeted else pred != y
+
+
+def _into_box(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """delta moved so that x + delta lies in the image box [0, 1]."""
+    return (x + delta).clamp_(0, 1).sub_(x)
+
+
+@dataclass(eq=False)
+class _Walk(WorkingBatch):
+    """One walk's working batch: the clean images, the labels of the loss, the iterate delta and
+    its gradient."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    delta: torch.Tensor
+    grad: Optional[torch.Tensor] = None
+
+
 class Attack:
     """A gradient attack inside a threat model; see the module docstring for the algorithm.
 
     ``attack = Attack(threat, steps=..., ...)``; ``x_adv = attack(model, x, y)``.
-    Subclasses (plugins) only set ``name``, ``defaults`` and, if needed, ``default_alpha``.
-    Every argument left as None takes the plugin's default, then the engine's (BASE_DEFAULTS).
+    Subclasses (plugins) set ``name``, ``defaults``, if needed ``default_alpha`` and, for
+    parameters of their own, ``config_class``. A setting given as None takes the plugin's
+    default, then the engine's (AttackConfig). The settings read as attributes: ``attack.steps``.
     """
 
     name = "attack"
     defaults: Dict[str, Any] = {}
+    config_class: Type[AttackConfig] = AttackConfig
     # optional progress hook, called after every forward pass with the fraction (0..1) of this
     # call's planned passes done (planned_forwards); plain Python, no device sync
     on_step: Optional[Callable[[float], None]] = None
 
-    def __init__(
-        self,
-        threat: Optional[ThreatModel] = None,
-        *,
-        norm: Optional[str] = None,
-        eps: Union[float, str, None] = None,
-        steps: Optional[int] = None,
-        alpha: Optional[float] = None,
-        random_start: Optional[bool] = None,
-        restarts: Optional[int] = None,
-        loss: Optional[str] = None,
-        targeted: Union[bool, str, None] = None,
-        seed: Optional[int] = None,
-        early_stop: Optional[bool] = None,
-        keep: Optional[str] = None,
-        model_mode: Optional[str] = None,
-        amp: Optional[str] = None,
-        **unknown: Any,
-    ):
-        n = self.name
-        if unknown:
-            known = ["threat", "norm", "eps", *BASE_DEFAULTS]
-            bad = sorted(unknown)[0]
-            close = difflib.get_close_matches(bad, known, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise AdvbenchError(f"unknown parameter {bad!r} for attack {n!r}{hint} (known: {', '.join(known)})")
+    def __init__(self, threat: Optional[ThreatModel] = None, *, norm: Optional[str] = None,
+                 eps: Union[float, str, None] = None, **settings: Any):
+        self._refuse_unknown(settings)
+        self.threat = self._threat_model(threat, norm, eps)
+        given = {k: v for k, v in settings.items() if v is not None}
+        config = self.config_class(attack=self.name, **{**self.defaults, **given})
+        if config.alpha is None:
+            config = replace(config, alpha=float(self.default_alpha(self.threat.eps, config.steps)))
+        self.settings = config
+        self.last_stats: Dict[str, int] = {}
 
-        # -- threat model --------------------------------------------------------------------
+    def _refuse_unknown(self, settings: Dict[str, Any]) -> None:
+        unknown = sorted(set(settings) - set(self.config_class.parameters()))
+        if unknown:
+            known = ["threat", "norm", "eps", *AttackConfig.parameters()]
+            hint = suggest(unknown[0], known)
+            raise AdvbenchError(f"unknown parameter {unknown[0]!r} for attack {self.name!r}"
+                                f"{'; ' + hint if hint else ''} (known: {', '.join(known)})")
+
+    def _threat_model(self, threat: Optional[ThreatModel], norm: Optional[str], eps: Any) -> ThreatModel:
+        n = self.name
         if threat is None:
             if eps is None:
                 raise AdvbenchError(f"attack {n!r} needs a threat model: threat=ThreatModel(norm, eps) or eps=...")
@@ -199,85 +302,33 @@ class Attack:
             raise AdvbenchError(f"attack {n!r}: give either threat= or norm=/eps=, not both")
         if not isinstance(threat, ThreatModel):
             raise AdvbenchError(f"invalid threat={threat!r} for attack {n!r}: expected a ThreatModel")
-        self.threat = threat
+        return threat
 
-        given = dict(steps=steps, alpha=alpha, random_start=random_start, restarts=restarts, loss=loss,
-                     targeted=targeted, seed=seed, early_stop=early_stop, keep=keep, model_mode=model_mode,
-                     amp=amp)
-        cfg = {**BASE_DEFAULTS, **self.defaults, **{k: v for k, v in given.items() if v is not None}}
+    def __getattr__(self, key: str) -> Any:
+        """The settings as attributes (``attack.steps``, ``attack.keep``, APGD's ``attack.rho``)."""
+        settings = self.__dict__.get("settings")
+        if settings is not None and key in settings.parameters():
+            return getattr(settings, key)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
 
-        # -- validation: one AdvbenchError naming the parameter ------------------------------
-        cfg["steps"] = check_count(n, "steps", cfg["steps"], MAX_STEPS)
-        cfg["restarts"] = check_count(n, "restarts", cfg["restarts"], MAX_RESTARTS)
-        if cfg["alpha"] is None:
-            cfg["alpha"] = float(self.default_alpha(threat.eps, cfg["steps"]))
-        a = cfg["alpha"]
-        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a < 0:
-            raise _err(n, "alpha", a, "the step size must be a finite number >= 0")
-        cfg["alpha"] = float(a)
-        for key in ("random_start", "early_stop"):
-            if not isinstance(cfg[key], bool):
-                raise _err(n, key, cfg[key], "must be True or False")
-        try:
-            cfg["loss"] = losses.check_loss(cfg["loss"])
-        except AdvbenchError:
-            choices = losses.LOSSES.names()
-            close = difflib.get_close_matches(str(cfg["loss"]).lower(), choices, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise _err(n, "loss", cfg["loss"], f"expected one of {', '.join(choices)}{hint}") from None
-        t = cfg["targeted"]
-        if t is True:
-            raise _err(n, "targeted", t, "say which targets: 'random' or 'least-likely' "
-                                         "(or pass target= when calling the attack)")
-        if t is False or (isinstance(t, str) and t.strip().lower() in ("", "false", "none", "no")):
-            cfg["targeted"] = False
-        else:
-            cfg["targeted"] = _choice(n, "targeted", t, TARGETED_CHOICES + ("ll",))
-            if cfg["targeted"] == "ll":
-                cfg["targeted"] = "least-likely"
-        s = cfg["seed"]
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
-            raise _err(n, "seed", s, "must be an integer")
-        cfg["seed"] = int(s)
-        cfg["keep"] = _choice(n, "keep", cfg["keep"], KEEP_CHOICES)
-        cfg["model_mode"] = _choice(n, "model_mode", cfg["model_mode"], MODEL_MODES)
-        if cfg["amp"] is not None and str(cfg["amp"]).strip().lower() in ("", "none", "off", "false", "fp32"):
-            cfg["amp"] = None
-        if cfg["amp"] is not None:
-            cfg["amp"] = _choice(n, "amp", cfg["amp"], AMP_CHOICES)
-
-        self.steps: int = cfg["steps"]
-        self.alpha: float = cfg["alpha"]
-        self.random_start: bool = cfg["random_start"]
-        self.restarts: int = cfg["restarts"]
-        self.loss: str = cfg["loss"]
-        self.targeted: Union[bool, str] = cfg["targeted"]
-        self.seed: int = cfg["seed"]
-        self.early_stop: bool = cfg["early_stop"]
-        self.keep: str = cfg["keep"]
-        self.model_mode: str = cfg["model_mode"]
-        self.amp: Optional[str] = cfg["amp"]
-        self.last_stats: Dict[str, int] = {}
-
-    def planned_forwards(self) -> int:
-        """Forward passes of one call when no sample is fooled early (the progress hook's 100%):
-        per restart ``steps`` with a gradient and a final one without."""
-        return (self.restarts if self.random_start else 1) * (self.steps + 1)
-
-    def default_alpha(self, eps: float, steps: int) -> float:
+    @staticmethod
+    def default_alpha(eps: float, steps: int) -> float:
         """Step size when none is given. The engine's default is PGD's 2.5 * eps / steps
         (Madry et al. 2018), which lets a walk from any start reach the ball's far side."""
         return 2.5 * eps / steps
 
+    def planned_forwards(self) -> int:
+        """Forward passes of one call when no sample is fooled early (the progress hook's 100%):
+        per restart ``steps`` with a gradient and a final one without."""
+        s = self.settings
+        return (s.restarts if s.random_start else 1) * (s.steps + 1)
+
     # -- description -----------------------------------------------------------------------
     def config(self) -> Dict[str, Any]:
         """The resolved parameters, JSON-able (for results and the leaderboard)."""
-        return {
-            "attack": self.name, "norm": self.threat.norm, "eps": self.threat.eps, "steps": self.steps,
-            "alpha": self.alpha, "random_start": self.random_start, "restarts": self.restarts,
-            "loss": self.loss, "targeted": self.targeted, "seed": self.seed, "early_stop": self.early_stop,
-            "keep": self.keep, "model_mode": self.model_mode, "amp": self.amp,
-        }
+        settings = asdict(self.settings)
+        del settings["attack"]
+        return {"attack": self.name, "norm": self.threat.norm, "eps": self.threat.eps, **settings}
 
     def __repr__(self) -> str:
         c = self.config()
@@ -319,7 +370,7 @@ class Attack:
 
         self._stats = {"forward": 0, "backward": 0, "forward_samples": 0, "backward_samples": 0}
         try:
-            with attack_mode(model, self.model_mode):
+            with attack_mode(model, self.settings.model_mode):
                 x_adv = self._attack(model, x, y, target, ids)
         finally:
             self.last_stats = dict(self._stats)
@@ -331,27 +382,46 @@ class Attack:
         self._stats["forward_samples"] += inp.shape[0]
         if self.on_step is not None:
             self.on_step(min(1.0, self._stats["forward"] / self.planned_forwards()))
-        if self.amp == "bf16":
+        if self.settings.amp == "bf16":
             with torch.autocast(device_type=inp.device.type, dtype=torch.bfloat16):
                 out = model(inp)
         else:
             out = model(inp)
         return out.float()
 
+    def _loss_and_grad(self, model: nn.Module, inp: torch.Tensor, labels: torch.Tensor, loss_fn: losses.LossFn):
+        """One forward and one backward to the input (the loss summed over the batch):
+        (logits, per-sample loss, d loss / d inp), detached."""
+        inp = inp.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self._forward(model, inp)
+            loss = loss_fn(logits, labels)
+            (grad,) = torch.autograd.grad(loss.sum(), inp)
+        self._stats["backward"] += 1
+        self._stats["backward_samples"] += inp.shape[0]
+        return logits.detach(), loss.detach(), grad
+
+    def _loss(self, model: nn.Module, inp: torch.Tensor, labels: torch.Tensor, loss_fn: losses.LossFn):
+        """One forward without a gradient: (logits, per-sample loss)."""
+        with torch.no_grad():
+            logits = self._forward(model, inp)
+            return logits, loss_fn(logits, labels)
+
     def _labels(self, model, x, y, target, ids):
         """(labels the loss uses, targeted?) — true labels, or explicit/random/least-likely targets."""
         if target is not None:
             return target, True
-        if not self.targeted:
+        targeted = self.settings.targeted
+        if not targeted:
             return y, False
         with torch.no_grad():
             logits = self._forward(model, x)  # one clean forward: the number of classes, or argmin
-        if self.targeted == "least-likely":
+        if targeted == "least-likely":
             return logits.argmin(dim=1), True
         c = logits.shape[1]
         if c < 2:
             raise AdvbenchError(f"attack {self.name!r}: random targets need at least 2 classes")
-        return random_targets(y, c, self.seed, ids), True
+        return random_targets(y, c, self.settings.seed, ids), True
 
     def _attack(self, model, x, y, target, ids) -> torch.Tensor:
         if x.shape[0] == 0:
@@ -359,108 +429,74 @@ class Attack:
         labels, targeted = self._labels(model, x, y, target, ids)
         if self.threat.eps == 0:
             return x.clone().clamp_(0, 1)  # nothing can move: the clean input is the answer
-        n = x.shape[0]
-        best_delta = torch.zeros_like(x)
-        best_loss = torch.full((n,), float("-inf"), device=x.device)
-        fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
-        loss_fn = losses.get_loss(self.loss, targeted)
+        s = self.settings
+        kept = Kept.start(torch.zeros_like(x))  # per sample: the kept delta
+        objective = Objective(losses.get_loss(s.loss, targeted), targeted)
         # Without a random start every restart would repeat the same deterministic walk.
-        restarts = self.restarts if self.random_start else 1
+        restarts = s.restarts if s.random_start else 1
         for r in range(restarts):
-            if r == 0:
-                idx = torch.arange(n, device=x.device)
-            else:  # restarts only for the samples that no iterate has fooled yet
-                idx = (~fooled).nonzero().reshape(-1)
-                if idx.numel() == 0:
-                    break
-            self._restart(model, x, labels, ids, targeted, loss_fn, r, r == restarts - 1, idx,
-                          best_delta, best_loss, fooled)
-        return (x + best_delta).clamp_(0, 1)
+            # restarts only for the samples that no iterate has fooled yet
+            rows = torch.arange(x.shape[0], device=x.device) if r == 0 else kept.unfooled()
+            if rows.numel() == 0:
+                break
+            xs = x[rows]
+            walk = _Walk.start(kept, rows, s.keep, x=xs, labels=labels[rows], delta=self._start(xs, ids[rows], r))
+            self._walk(model, walk, objective, final_restart=r == restarts - 1)
+        return (x + kept.iterate).clamp_(0, 1)
 
-    def _restart(self, model, x, labels, ids, targeted, loss_fn, r, final_restart, idx,
-                 best_delta, best_loss, fooled) -> None:
-        """One walk of ``steps`` steps for the samples ``idx``; results go into the (N,) buffers
-        best_delta / best_loss / fooled, written as samples finish."""
-        geo, eps, alpha, keep = self.threat.geometry, self.threat.eps, self.alpha, self.keep
-        view = (-1,) + (1,) * (x.dim() - 1)
-        xa, la = x[idx], labels[idx]
-        bd, bl = best_delta[idx], best_loss[idx]
-        fa = torch.zeros(idx.numel(), dtype=torch.bool, device=x.device)  # fooled in this walk
+    def _start(self, x: torch.Tensor, ids: torch.Tensor, r: int) -> torch.Tensor:
+        """delta_0 of restart r: a uniform point of the eps-ball (rng stream r), or 0."""
+        if not self.settings.random_start:
+            return torch.zeros_like(x)
+        return _into_box(x, self.threat.geometry.random(x, self.threat.eps, self.settings.seed, r, ids))
 
-        if self.random_start:
-            delta = geo.random(xa, eps, self.seed, r, ids[idx])
-            delta = (xa + delta).clamp_(0, 1).sub_(xa)
-        else:
-            delta = torch.zeros_like(xa)
+    def _ascent(self, w: _Walk) -> torch.Tensor:
+        """delta + alpha * step(grad), projected onto the eps-ball, then into the image box."""
+        geo, eps = self.threat.geometry, self.threat.eps
+        return _into_box(w.x, geo.project(w.delta + geo.step(w.grad, self.settings.alpha), eps))
 
-        def fools(logits: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
-            pred = logits.argmax(dim=1)
-            return pred == lab if targeted else pred != lab
+    def _walk(self, model: nn.Module, w: _Walk, objective: Objective, final_restart: bool) -> None:
+        """``steps`` steps for the samples of ``w``; their kept iterates go into ``w.into``."""
+        for _ in range(self.settings.steps):
+            logits, loss, w.grad = self._loss_and_grad(model, w.x + w.delta, w.labels, objective.loss)
+            w.offer(w.delta, loss, objective.fools(logits, w.labels, w.labels))
+            if self.settings.early_stop and not w.drop_fooled():
+                return
+            w.delta = self._ascent(w)
+        self._final_iterate(model, w, objective, final_restart)
+        w.store()
 
-        def update(loss: torch.Tensor, fool: torch.Tensor) -> None:
-            # choose, per sample, whether iterate ``delta`` replaces the kept one
-            nonlocal bd, bl, fa
-            if keep == "last":
-                bd, bl = delta, loss
-            else:
-                if keep == "first-fool":
-                    upd = ~fa & (fool | (loss > bl))
-                else:  # best-loss
-                    upd = loss > bl
-                bd = torch.where(upd.view(view), delta, bd)
-                bl = torch.where(upd, loss, bl)
-            fa = fa | fool
+    def _final_iterate(self, model: nn.Module, w: _Walk, objective: Objective, final_restart: bool) -> None:
+        """Offer the last iterate. Its fate matters only for samples not fooled yet (for
+        best-loss: for all); keep="last" on the final restart needs no forward at all."""
+        keep = self.settings.keep
+        if keep == "last":
+            w.kept = w.delta
+            if final_restart:
+                return
+        need = None if keep == "best-loss" else (~w.fooled).nonzero().reshape(-1)
+        if need is None or need.numel() == w.fooled.numel():  # everybody: no gather
+            logits, loss = self._loss(model, w.x + w.delta, w.labels, objective.loss)
+            w.offer(w.delta, loss, objective.fools(logits, w.labels, w.labels))
+        elif need.numel() > 0:  # the others are fooled already: their kept iterate cannot change
+            labels = w.labels[need]
+            logits, loss = self._loss(model, w.x[need] + w.delta[need], labels, objective.loss)
+            w.offer(w.delta, torch.full_like(w.kept_loss, float("-inf")).index_copy_(0, need, loss),
+                    torch.zeros_like(w.fooled).index_copy_(0, need, objective.fools(logits, labels, labels)))
 
-        def store() -> None:
-            # write the working batch back into the (N,) buffers (no host sync: idx is known)
-            best_delta.index_copy_(0, idx, bd.to(best_delta.dtype))
-            best_loss.index_copy_(0, idx, bl)
-            fooled.index_copy_(0, idx, fooled[idx] | fa)
 
-        for _ in range(self.steps):
-            # one forward + one backward to the input; the loss is summed over the batch
-            delta.requires_grad_(True)
-            with torch.enable_grad():
-                logits = self._forward(model, xa + delta)
-                loss = loss_fn(logits, la)
-                (grad,) = torch.autograd.grad(loss.sum(), delta)
-            self._stats["backward"] += 1
-            self._stats["backward_samples"] += xa.shape[0]
-            delta = delta.detach()
-            loss = loss.detach()
-            update(loss, fools(logits.detach(), la))
+# -- what a spec may set ---------------------------------------------------------------------------
+def _config_class(name: str) -> Type[AttackConfig]:
+    return getattr(ATTACKS.get(name), "config_class", AttackConfig)
 
-            if self.early_stop:  # fooled samples leave the batch (the one sync of the step)
-                alive = (~fa).nonzero().reshape(-1)
-                if alive.numel() < fa.numel():
-                    store()  # the leavers' results (the others' are overwritten later)
-                    if alive.numel() == 0:
-                        return
-                    idx, xa, la, delta, grad = idx[alive], xa[alive], la[alive], delta[alive], grad[alive]
-                    bd, bl, fa = bd[alive], bl[alive], fa[alive]
 
-            # the ascent step, projection onto the ball, then back into the image box
-            delta = geo.project(delta + geo.step(grad, alpha), eps)
-            delta = (xa + delta).clamp_(0, 1).sub_(xa)
+def parameters(name: Optional[str] = None) -> Tuple[str, ...]:
+    """The settings a spec may give attack ``name`` (the engine's, plus e.g. APGD's rho and
+    momentum); without a name, the engine's, which every attack takes."""
+    return (AttackConfig if name is None else _config_class(name)).parameters()
 
-        # The final iterate: its fate matters only for samples not fooled yet (for best-loss: for
-        # all). keep="last" on the final restart needs no forward at all.
-        if keep == "last" and final_restart:
-            bd = delta
-        else:
-            need = None if keep == "best-loss" else (~fa).nonzero().reshape(-1)
-            if need is not None and need.numel() == fa.numel():
-                need = None  # everybody: no gather
-            if need is None or need.numel() > 0:
-                with torch.no_grad():
-                    if need is None:
-                        logits = self._forward(model, xa + delta)
-                        loss, fool = loss_fn(logits, la), fools(logits, la)
-                    else:  # the others are fooled already: their kept iterate cannot change
-                        logits = self._forward(model, xa[need] + delta[need])
-                        loss = torch.full_like(bl, float("-inf")).index_copy_(0, need, loss_fn(logits, la[need]))
-                        fool = torch.zeros_like(fa).index_copy_(0, need, fools(logits, la[need]))
-                update(loss, fool)
-            if keep == "last":
-                bd = delta
-        store()
+
+def defaults(name: str) -> Dict[str, Any]:
+    """Attack ``name``'s default settings: the engine's overlaid by the plugin's (alpha None: the
+    plugin's default step size, which depends on eps)."""
+    return {**_config_class(name).defaults(), **getattr(ATTACKS.get(name), "defaults", {})}

@@ -16,5 +16,6 @@ class FGSM(Attack):
     name = "fgsm"
     defaults = {"steps": 1, "random_start": False, "restarts": 1}
 
-    def default_alpha(self, eps: float, steps: int) -> float:
+    @staticmethod
+    def default_alpha(eps: float, steps: int) -> float:
         return eps  # the whole budget in one step

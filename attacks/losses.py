@@ -108,20 +108,13 @@ def dlr(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -(z_y - z_other) / (zs[:, 0] - zs[:, 2] + 1e-12)
 
 
-def dlr_targeted_yt(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Targeted DLR of the paper (eq. 6), to maximise:
-    -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12). Needs >= 4 classes."""
-    z_y = logits.gather(1, y.reshape(-1, 1)).reshape(-1)
-    z_t = logits.gather(1, target.reshape(-1, 1)).reshape(-1)
-    zs = _sorted_desc(logits)
-    return -(z_y - z_t) / (zs[:, 0] - (zs[:, 2] + zs[:, 3]) / 2 + 1e-12)
-
-
 def dlr_targeted(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Targeted DLR with the registry's (logits, target) signature: z_y is replaced by the best
-    non-target logit max_{i != t} z_i. While the sample is still classified as y (t != y) that IS
-    z_y, so this equals the paper's targeted DLR on every sample an attack still works on (APGD-T
-    drops fooled samples from its batch)."""
+    """Targeted DLR (Croce & Hein, ICML 2020, eq. 6), to maximise:
+    -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12); needs >= 4 classes. With the registry's
+    (logits, target) signature, z_y is replaced by the best non-target logit max_{i != t} z_i.
+    While the sample is still classified as y (t != y) that IS z_y, so this equals the paper's
+    targeted DLR on every sample an attack still works on (APGD-T drops fooled samples from its
+    batch)."""
     z_t, z_other = _split(logits, target)
     zs = _sorted_desc(logits)
     return -(z_other - z_t) / (zs[:, 0] - (zs[:, 2] + zs[:, 3]) / 2 + 1e-12)

@@ -7,8 +7,8 @@ no restart fools it):
 
 It is the inner maximisation of the saddle-point problem
 min_theta E[ max_{delta in B_eps} L(theta, x + delta, y) ] that adversarial training optimises.
-Default step alpha = 2.5 * eps / steps (Madry et al.'s choice scaled to the step count), so that
-the walk can cross the ball from any random start.
+Default step alpha = 2.5 * eps / steps (the engine's default: Madry et al.'s choice scaled to the
+step count), so that the walk can cross the ball from any random start.
 """
 from __future__ import annotations
 
@@ -21,6 +21,3 @@ class PGD(Attack):
 
     name = "pgd"
     defaults = {"steps": 10, "random_start": True, "restarts": 1}
-
-    def default_alpha(self, eps: float, steps: int) -> float:
-        return 2.5 * eps / steps

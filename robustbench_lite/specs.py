@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import attacks
-from attacks.engine import BASE_DEFAULTS, Attack
+from attacks.engine import Attack
 
 from .errors import AdvbenchError, SettingError
 from .registry import suggest
@@ -21,10 +21,6 @@ from .threat import ThreatModel, parse_eps, parse_eps_list
 
 DEFAULT_ATTACKS = ("fgsm", "bim", "pgd")
 WORST_CASE = "worst-case"
-
-# engine parameters an attack spec may set (the engine validates the values)
-ATTACK_PARAMS = ("steps", "alpha", "random_start", "restarts", "loss", "targeted", "seed", "early_stop", "keep",
-                 "model_mode", "amp")
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -149,7 +145,7 @@ def with_overrides(names: Union[str, Iterable[Any]], steps: Optional[int] = None
     alpha_v = parse_eps(alpha, setting="alpha") if alpha is not None else None
     out, used = [], {"steps": False, "alpha": False, "restarts": False}
     for s in specs:
-        d = {**BASE_DEFAULTS, **getattr(attacks.ATTACKS.get(s.name), "defaults", {})}
+        d = attacks.defaults(s.name)
         params = dict(s.params)
         iterative = d.get("steps", 1) != 1
         if steps is not None and iterative:

@@ -44,14 +44,14 @@ from .models import MODELS
 from .registry import suggest
 from .runs import RunSpec
 from .runtime import FastPaths, check_seed
-from .specs import ATTACK_PARAMS, AttackSpec, parse_attack_specs
+from .specs import AttackSpec, parse_attack_specs
 from .threat import ThreatModel, check_norm, parse_eps
 
 TOP_KEYS = ("name", "description", "dataset", "data_dir", "download", "n_examples", "batch_size", "seed", "device",
             "results_dir", "masking_checks", "channels_last", "compile", "models", "threats", "attacks")
 MODEL_KEYS = ("name", "checkpoint", "dataset")
 THREAT_KEYS = ("norm", "eps")
-ATTACK_KEYS = ("name", "label") + ATTACK_PARAMS
+ATTACK_KEYS = ("name", "label")  # and the attack's own settings: attacks.parameters(name)
 # the suite-wide settings: (key, type, what a value must be)
 SETTINGS = (("name", str, "a string"), ("description", str, "a string"), ("dataset", str, "a dataset name"),
             ("data_dir", str, "a path"), ("download", bool, "true or false"),
@@ -290,7 +290,7 @@ def _attack(r: _Reader, a: Any, il: _Loc, section: str) -> Dict[str, Any]:
     if a.get("seed") is not None:  # the engine takes any integer; a suite's seeds are the CLI's
         r.wrap(lambda: check_seed(a["seed"], f"{section}.seed"), il.child("seed").line)
     canonical = r.wrap(lambda: attacks.ATTACKS.canonical(str(a["name"])), il.child("name").line)
-    allowed = ATTACK_KEYS + tuple(getattr(attacks.ATTACKS.get(canonical), "extra_defaults", {}) or {})
+    allowed = ATTACK_KEYS + attacks.parameters(canonical)
     r.known_keys(a, il, allowed, section)
     return a
 

@@ -30,12 +30,19 @@ def test_dlr_on_hand_made_logits():
     assert torch.allclose(losses.dlr(3 * z + 7, y), v, atol=1e-6)
 
 
+def targeted_dlr_of_the_paper(z, y, t):
+    """Croce & Hein (2020), eq. 6: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)."""
+    z_y, z_t = z.gather(1, y.reshape(-1, 1)).reshape(-1), z.gather(1, t.reshape(-1, 1)).reshape(-1)
+    zs = z.sort(dim=1, descending=True).values
+    return -(z_y - z_t) / (zs[:, 0] - (zs[:, 2] + zs[:, 3]) / 2 + 1e-12)
+
+
 def test_targeted_dlr_on_hand_made_logits():
     z = torch.tensor([[5.0, 3.0, 1.0, 0.0, -1.0]])
     y, t = torch.tensor([0]), torch.tensor([2])
     # -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) = -(5 - 1) / (5 - 0.5)
     expected = torch.tensor([-4.0 / 4.5])
-    assert torch.allclose(losses.dlr_targeted_yt(z, y, t), expected)
+    assert torch.allclose(targeted_dlr_of_the_paper(z, y, t), expected)
     # the registry's (logits, target) form equals the paper's while the sample is classified as y
     assert torch.allclose(losses.get_loss("dlr", True)(z, t), expected)
     assert torch.allclose(losses.get_loss("dlr-targeted", True)(z, t), expected)
