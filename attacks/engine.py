@@ -311,6 +311,14 @@ class Attack:
             return getattr(settings, key)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        """The settings are frozen: assigning one (``attack.steps = 5``) would be silently ignored."""
+        settings = self.__dict__.get("settings")
+        if settings is not None and key in settings.parameters():
+            raise AttributeError(f"attack {self.name!r}: {key} is a frozen setting; build a new attack "
+                                 f"(attacks.create({self.name!r}, ..., {key}=...))")
+        super().__setattr__(key, value)
+
     @staticmethod
     def default_alpha(eps: float, steps: int) -> float:
         """Step size when none is given. The engine's default is PGD's 2.5 * eps / steps
