@@ -1,14 +1,17 @@
 """Safe writes: everything the tool writes is replaced atomically (temp file in the same folder,
-fsync, rename), and files shared by concurrent runs are guarded by an advisory lock."""
+fsync, rename), and files shared by concurrent runs are guarded by an advisory lock. csv_text is
+the one CSV writer (a run's outcomes, a training's metrics)."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
+import io
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Union
 
 from .errors import AdvbenchError
 
@@ -67,6 +70,22 @@ def _umask() -> int:
 
 def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], float_format: Optional[str] = None,
+             lineterminator: str = "\n") -> str:
+    """``rows`` as CSV text: a header of every key in order of first appearance, then one line per
+    row (a key a row lacks is left empty). ``float_format`` (e.g. "{:.6g}") formats the floats."""
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator=lineterminator)
+    w.writeheader()
+    for r in rows:
+        w.writerow(r if float_format is None else
+                   {k: (float_format.format(v) if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
 
 
 class LockBusy(AdvbenchError):

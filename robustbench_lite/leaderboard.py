@@ -37,7 +37,7 @@ import yaml
 
 from . import __version__
 from .errors import AdvbenchError
-from .fileio import atomic_write, atomic_write_text, ensure_dir, locked, not_a_file
+from .fileio import atomic_write, atomic_write_text, csv_text, ensure_dir, locked, not_a_file
 from .runtime import pct
 from .specs import WORST_CASE
 from .threat import check_norm, format_eps
@@ -104,15 +104,7 @@ def jsonable(obj: Any) -> Any:
 
 
 def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    keys: List[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    return buf.getvalue()
+    return csv_text(rows)
 
 
 # --- rows ------------------------------------------------------------------------------------

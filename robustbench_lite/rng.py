@@ -5,6 +5,9 @@ Random starts and random targets must not depend on how samples are batched: att
 same noise. So noise is a pure function of (seed, stream, sample id, element index), computed
 with a 32-bit integer hash in int64 tensor arithmetic on the samples' device (no host sync, no
 generator state). Multipliers stay below 2**31 so every product fits in a signed int64.
+
+Training's randomness per epoch (the batch order, augmentation, dropout, the inner attack's random
+starts) is seeded from ``epoch_seed(seed, epoch)``, so a resumed training replays every epoch.
 """
 from __future__ import annotations
 
@@ -53,3 +56,9 @@ def normal(seed: int, stream: int, ids: torch.Tensor, shape, dtype=torch.float32
 def randint(seed: int, stream: int, ids: torch.Tensor, high: int) -> torch.Tensor:
     """One integer in [0, high) per sample id."""
     return (_bits(seed, stream, ids, 1).reshape(-1) % high).to(torch.int64)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of training epoch ``epoch`` of a run seeded with ``seed``: a fixed mix of the two, the
+    same on every rank and after --resume."""
+    return (int(seed) * 1_000_003 + int(epoch)) % (2 ** 63 - 1)
