@@ -37,9 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from common import is_main, machine, variant_flags, variants, write_json  # noqa: E402
 
+from defenses.methods import MethodConfig  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.threat import ThreatModel, parse_eps  # noqa: E402
-from robustbench_lite.runs import RobustTrainOptions, build_method, run_robust_training  # noqa: E402
+from robustbench_lite.runs import RobustTrainOptions, run_robust_training  # noqa: E402
 from robustbench_lite.runtime import SILENT  # noqa: E402
 from robustbench_lite.training import TrainConfig, train  # noqa: E402
 
@@ -56,7 +57,8 @@ def method_factory(name: str, threat, seed: int):
     base, _, steps = name.partition(":")  # e.g. pgd-at:10 = 10 inner steps
     key, default = METHOD_SPECS.get(base, (base, {}))
     kw = {**default, **({"steps": int(steps)} if steps else {})}
-    return lambda: build_method(key, threat, seed=seed, **kw)
+    config = MethodConfig(key, seed=seed, eps_warmup=0, **kw)
+    return lambda: config.build(threat, epochs=1)
 
 
 def time_epochs(*, model: str, ds, threat, methods, variant_list, n: int, batch_size: int, repeats: int,

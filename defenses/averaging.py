@@ -30,7 +30,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from robustbench_lite.errors import AdvbenchError
+from attacks.engine import attack_mode
+from robustbench_lite.errors import SettingError
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -40,25 +41,23 @@ def _has_batchnorm(model: nn.Module) -> bool:
 @torch.no_grad()
 def recompute_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> None:
     """Reset every BatchNorm layer's running statistics and recompute them on ``x`` as the exact
-    average over the data (momentum=None), in train mode; restores modes and momenta after."""
+    average over the data (momentum=None), in train mode (attack_mode); restores modes and momenta
+    after."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or len(x) == 0:
         return
-    modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in bns]
     device = next(model.parameters()).device
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: the plain mean over all batches
-        model.train()
-        for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size].to(device))
-    finally:
-        for m, mom in momenta:
-            m.momentum = mom
-        for m, tr in modes:
-            m.training = tr
+    with attack_mode(model, "train"):
+        try:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average: the plain mean over all batches
+            for i in range(0, len(x), batch_size):
+                model(x[i:i + batch_size].to(device))
+        finally:
+            for m, mom in momenta:
+                m.momentum = mom
 
 
 class WeightAverager:
@@ -110,8 +109,8 @@ class WeightAverager:
 
     def load_state_dict(self, state: Dict[str, Any], model: nn.Module) -> None:
         if state.get("kind") != self.kind:
-            raise AdvbenchError(f"--resume: the checkpoint's weight averaging is {state.get('kind')!r}, "
-                                f"this run asks for {self.kind!r}")
+            raise SettingError(f"{{resume}}: the checkpoint's weight averaging is {state.get('kind')!r}, "
+                               f"this run asks for {self.kind!r}", "resume")
         self.n_averaged = int(state.get("n_averaged", 0))
         avg = state.get("avg")
         if avg is None:
@@ -120,7 +119,8 @@ class WeightAverager:
         own = model.state_dict()
         bad = [k for k in avg if k not in own or tuple(own[k].shape) != tuple(avg[k].shape)]
         if bad:
-            raise AdvbenchError(f"--resume: the averaged weights do not match the model ({', '.join(bad[:3])})")
+            raise SettingError(f"{{resume}}: the averaged weights do not match the model "
+                               f"({', '.join(bad[:3])})", "resume")
         self._avg = {k: v.to(own[k].device, own[k].dtype).clone() for k, v in avg.items()}
         self._shadow = None
 
@@ -151,7 +151,7 @@ class SWA(WeightAverager):
     def __init__(self, start: int, bn_batch_size: int = 256):
         super().__init__()
         if isinstance(start, bool) or int(start) != start or start < 1:
-            raise AdvbenchError(f"--swa-start must be an epoch number >= 1 (got {start})")
+            raise SettingError(f"{{swa_start}} must be an epoch number >= 1 (got {start})", "swa_start")
         self.start = int(start)
         self.bn_batch_size = bn_batch_size
 
@@ -183,7 +183,7 @@ class EMA(WeightAverager):
     def __init__(self, decay: float, warmup: bool = True):
         super().__init__()
         if not (isinstance(decay, (int, float)) and math.isfinite(decay) and 0 < decay < 1):
-            raise AdvbenchError(f"--ema must be a decay in (0, 1), e.g. 0.999 (got {decay})")
+            raise SettingError(f"{{ema}} must be a decay in (0, 1), e.g. 0.999 (got {decay})", "ema")
         self.decay = float(decay)
         self.warmup = warmup
 
@@ -208,9 +208,9 @@ def _is_bn_stat(key: str) -> bool:
 
 
 def create_averager(swa_start: Optional[int] = None, ema: Optional[float] = None) -> Optional[WeightAverager]:
-    """The averager for ``--swa-start`` / ``--ema`` (None when neither is given)."""
+    """The averager for a training's ``swa_start`` / ``ema`` settings (None when neither is given)."""
     if swa_start is not None and ema is not None:
-        raise AdvbenchError("--swa-start and --ema are two kinds of weight averaging: choose one")
+        raise SettingError("{swa_start} and {ema} are two kinds of weight averaging: choose one", "swa_start", "ema")
     if swa_start is not None:
         return SWA(swa_start)
     if ema is not None:

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from defenses.methods import METHODS, AdversarialMethod, Mix, TRADES
+from defenses.methods import METHODS, MethodConfig
 
 from . import distributed, leaderboard, masking
 from .checkpoint import file_sha256, read_checkpoint
@@ -350,44 +350,9 @@ class RobustTrainReport:
     evaluation_skipped: bool = False   # nothing was trained and the leaderboard holds the evaluation already
 
 
-def auto_eps_warmup(epochs: int) -> int:
-    """The default eps ramp: 2 epochs when training for 5 or more, else 1. Without a ramp, PGD-AT of
-    a small CNN at MNIST's eps = 0.3 stays at chance level (3 epochs: 10% test accuracy); with a
-    one-epoch ramp the same 3-epoch run reaches 95.7% test accuracy and 46.2% validation PGD-10."""
-    return 2 if epochs >= 5 else 1
-
-
 def default_eps(ds) -> float:
     """0.3 for grey-scale datasets (MNIST-like, Madry et al.), 8/255 for colour ones (CIFAR)."""
     return 0.3 if ds.in_channels == 1 else 8 / 255
-
-
-def build_method(name: str, threat, *, steps: Optional[int] = None, alpha: Optional[float] = None,
-                 beta: Optional[float] = None, mix_weight: Optional[float] = None, bn_mode: str = "eval",
-                 seed: int = 0, eps_warmup: int = 0):
-    """The training method ``name`` with the command line's settings (an AdvbenchError for a
-    setting the method does not have)."""
-    key = METHODS.canonical(name)
-    factory = METHODS.get(key)
-    given = {"--steps": steps, "--alpha": alpha, "--beta": beta, "--mix-weight": mix_weight}
-    if beta is not None and not (isinstance(factory, type) and issubclass(factory, TRADES)):
-        raise AdvbenchError(f"--beta is TRADES' weight; method {key!r} has none")
-    if mix_weight is not None and not (isinstance(factory, type) and issubclass(factory, Mix)):
-        raise AdvbenchError(f"--mix-weight belongs to method 'mix', not {key!r}")
-    if not (isinstance(factory, type) and issubclass(factory, AdversarialMethod)):
-        bad = [k for k, v in given.items() if v is not None] + (["--eps-warmup"] if eps_warmup else [])
-        if bad and key == "standard":
-            raise AdvbenchError(f"method 'standard' has no inner attack: {', '.join(bad)} does not apply")
-        try:
-            return factory() if key == "standard" else factory(threat=threat, seed=seed)
-        except TypeError as exc:
-            raise AdvbenchError(f"method {key!r} cannot be built with these options ({exc})") from None
-    kw: Dict[str, Any] = dict(steps=steps, alpha=alpha, bn_mode=bn_mode, seed=seed, eps_warmup=eps_warmup)
-    if beta is not None:
-        kw["beta"] = beta
-    if mix_weight is not None:
-        kw["weight"] = mix_weight
-    return factory(threat, **kw)
 
 
 def robust_out_path(opts: RobustTrainOptions, method_name: str) -> Path:
@@ -447,14 +412,8 @@ def run_robust_training(opts: RobustTrainOptions, narrator: Narrator = Narrator(
     ds = load_dataset(opts.dataset, data_dir=opts.data_dir, download=opts.download)
     threat = ThreatModel.parse(norm, opts.eps if opts.eps is not None else default_eps(ds))
     threat.check_input_shape(ds.input_shape)
-    warmup = opts.eps_warmup
-    if warmup is None:
-        adversarial = isinstance(METHODS.get(method_name), type) and issubclass(METHODS.get(method_name),
-                                                                                  AdversarialMethod)
-        warmup = auto_eps_warmup(opts.epochs) if adversarial else 0
-    method = build_method(method_name, threat, steps=opts.steps, alpha=alpha, beta=opts.beta,
-                          mix_weight=opts.mix_weight, bn_mode=opts.bn_mode, seed=opts.seed,
-                          eps_warmup=warmup)
+    method = MethodConfig(method_name, steps=opts.steps, alpha=alpha, beta=opts.beta, mix_weight=opts.mix_weight,
+                          bn_mode=opts.bn_mode, eps_warmup=opts.eps_warmup, seed=opts.seed).build(threat, opts.epochs)
     out = Path(opts.out) if opts.out else robust_out_path(opts, method_name)
     if opts.evaluate:  # the final evaluation records in the results dir (the zoo is elsewhere): check it first
         ensure_dir(opts.results_dir)

@@ -12,8 +12,9 @@ from torch import nn
 from defenses import methods
 from attacks import losses
 from defenses.averaging import EMA, SWA, create_averager, recompute_batchnorm
-from defenses.methods import StepOutput, epoch_seed
+from defenses.methods import StepOutput
 from robustbench_lite.errors import AdvbenchError, UnknownNameError
+from robustbench_lite.rng import epoch_seed
 from robustbench_lite.threat import TOLERANCE, ThreatModel
 
 ADV = ("pgd-at", "fgsm-rs", "trades", "mix")
@@ -52,9 +53,9 @@ def test_every_method_is_registered():
 @pytest.mark.parametrize("kw, match", [
     (dict(), "needs an eps"),
     (dict(eps="abc"), "invalid eps"),
-    (dict(eps=EPS, bn_mode="batch"), "--bn-mode"),
-    (dict(eps=EPS, steps=0), "--steps"),
-    (dict(eps=EPS, eps_warmup=-1), "--eps-warmup"),
+    (dict(eps=EPS, bn_mode="batch"), "^invalid bn_mode 'batch'"),
+    (dict(eps=EPS, steps=0), "^steps must be an integer >= 1"),
+    (dict(eps=EPS, eps_warmup=-1), "^eps_warmup must be"),
 ])
 def test_bad_method_arguments_are_clear_errors(kw, match):
     with pytest.raises(AdvbenchError, match=match):
@@ -64,10 +65,10 @@ def test_bad_method_arguments_are_clear_errors(kw, match):
 def test_method_specific_errors():
     with pytest.raises(AdvbenchError, match="one FGSM step"):
         make("fgsm-rs", steps=3)
-    with pytest.raises(AdvbenchError, match="--beta"):
+    with pytest.raises(AdvbenchError, match="^beta must be >= 0"):
         make("trades", beta=-1)
-    with pytest.raises(AdvbenchError, match="--mix-weight"):
-        make("mix", weight=1.5)
+    with pytest.raises(AdvbenchError, match="^mix_weight must be in"):
+        make("mix", mix_weight=1.5)
 
 
 def test_defaults_follow_the_papers():
@@ -214,8 +215,8 @@ def test_mix_weights_clean_and_adversarial_loss():
     x_adv = make("mix").perturb(model, x, y, ids, 1)
     ce_c, ce_a = F.cross_entropy(model(x), y), F.cross_entropy(model(x_adv), y)
     torch.testing.assert_close(make("mix").loss(model, x, y, ids, 1).loss, 0.5 * ce_c + 0.5 * ce_a)
-    torch.testing.assert_close(make("mix", weight=1.0).loss(model, x, y, ids, 1).loss, ce_c)
-    torch.testing.assert_close(make("mix", weight=0.0).loss(model, x, y, ids, 1).loss, ce_a)
+    torch.testing.assert_close(make("mix", mix_weight=1.0).loss(model, x, y, ids, 1).loss, ce_c)
+    torch.testing.assert_close(make("mix", mix_weight=0.0).loss(model, x, y, ids, 1).loss, ce_a)
 
 
 # -- the catastrophic-overfitting guard -------------------------------------------------------------
@@ -322,9 +323,9 @@ def test_averager_arguments():
     with pytest.raises(AdvbenchError, match="choose one"):
         create_averager(swa_start=2, ema=0.99)
     for bad in (0, 1, 1.5, float("nan")):
-        with pytest.raises(AdvbenchError, match="--ema"):
+        with pytest.raises(AdvbenchError, match="^ema must be a decay"):
             EMA(bad)
-    with pytest.raises(AdvbenchError, match="--swa-start"):
+    with pytest.raises(AdvbenchError, match="^swa_start must be an epoch"):
         SWA(0)
 
 
