@@ -35,6 +35,7 @@ from robustbench_lite.fileio import atomic_write_text, ensure_dir  # noqa: E402
 from robustbench_lite.threat import ThreatModel  # noqa: E402
 from robustbench_lite.runs import RobustTrainOptions, run_robust_training  # noqa: E402
 from robustbench_lite.runtime import SILENT  # noqa: E402
+from robustbench_lite.training import train  # noqa: E402
 from train_speed import time_epochs as time_epochs_base  # noqa: E402
 
 ACTIVATIONS = ("relu", "silu", "gelu", "softplus", "smoothrelu")
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     if report["standard"] is None:
         log("standard training (zoo baseline budget)")
         cfg = baseline_config("smallcnn", "mnist-5k", work / "smallcnn-standard.pt", seed=args.seed, device="cpu")
-        std = train(cfg, dataset=ds, quiet=True)
+        std = train(cfg, dataset=ds, narrator=SILENT)
         report["standard"] = {**pgd_eval(std.model, ds, threat), "epochs": cfg.epochs,
                               "epoch_s": sum(r["seconds"] for r in std.metrics) / len(std.metrics)}
     log(f"standard: {report['standard']}")

@@ -30,7 +30,7 @@ from common import input_gradient_passes, sync, variants, variant_flags, write_j
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.evaluator import evaluate  # noqa: E402
 from robustbench_lite.specs import parse_attack_specs  # noqa: E402
-from robustbench_lite.runtime import accelerate, resolve_device, to_memory_format  # noqa: E402
+from robustbench_lite.runtime import SILENT, accelerate, resolve_device, to_memory_format  # noqa: E402
 from robustbench_lite.threat import ThreatModel, parse_eps  # noqa: E402
 from robustbench_lite.training import TrainConfig, train  # noqa: E402
 
@@ -104,8 +104,9 @@ def main(argv=None):
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         out = Path(".bench") / f"{name}-{ds.name.replace('/', '_').replace(':', '_')}.pt"
         t0 = time.perf_counter()
-        res = train(TrainConfig(model=name, dataset=args.dataset, epochs=args.train_epochs, batch_size=128,
-                                out=str(out), device=str(device), augment=ds.in_channels == 3), dataset=ds, quiet=True)
+        cfg = TrainConfig(model=name, dataset=args.dataset, epochs=args.train_epochs, batch_size=128, out=str(out),
+                          device=str(device), augment=ds.in_channels == 3)
+        res = train(cfg, dataset=ds, narrator=SILENT)
         print(f"trained {name} on {ds.name} for {args.train_epochs} epochs in {time.perf_counter() - t0:.1f} s "
               f"(test acc {res.metrics[-1]['test_acc']:.2%})", flush=True)
         for variant in variants(args.variants):

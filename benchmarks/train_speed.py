@@ -39,9 +39,9 @@ from common import is_main, machine, variant_flags, variants, write_json  # noqa
 
 from defenses.methods import MethodConfig  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
+from robustbench_lite.runtime import SILENT, FastPaths  # noqa: E402
 from robustbench_lite.threat import ThreatModel, parse_eps  # noqa: E402
 from robustbench_lite.runs import RobustTrainOptions, run_robust_training  # noqa: E402
-from robustbench_lite.runtime import SILENT  # noqa: E402
 from robustbench_lite.training import TrainConfig, train  # noqa: E402
 
 METHOD_SPECS = {"standard": ("standard", {}), "fgsm-rs": ("fgsm-rs", {}), "pgd-at": ("pgd-at", {"steps": 7}),
@@ -75,8 +75,8 @@ def time_epochs(*, model: str, ds, threat, methods, variant_list, n: int, batch_
                 cfg = TrainConfig(model=model, dataset=ds.name, epochs=2 if flags["compile"] else 1,
                                   batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=0.0, seed=seed,
                                   n_train=n, out=str(work / f"{v}-{m.replace(':', '-')}.pt"), device=device,
-                                  augment=ds.in_channels == 3, **flags)
-                res = train(cfg, make(), dataset=ds, quiet=True, x_val=x_small, y_val=y_small)
+                                  augment=ds.in_channels == 3, fast=FastPaths(**flags))
+                res = train(cfg, make(), dataset=ds, narrator=SILENT, x_val=x_small, y_val=y_small)
                 secs[(v, m)].append(float(res.metrics[-1]["seconds"]))
                 log(f"  repeat {rep + 1}/{repeats}  {v:24s} {m:10s} {secs[(v, m)][-1]:8.2f} s")
     return secs

@@ -215,6 +215,7 @@ def train_cmd(
 ):
     from .data import load_dataset
     from .models import MODELS, activation_factory, model_for_dataset
+    from .runtime import FastPaths
     from .training import TrainConfig, train
     from .zoo import zoo_path
 
@@ -226,11 +227,10 @@ def train_cmd(
     cfg = TrainConfig(model=model, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr,
                       optimizer=optimizer, schedule=schedule, weight_decay=weight_decay, augment=augment,
                       seed=seed, activation=activation, out=str(path), resume=resume, device=device,
-                      n_train=n_train, amp=amp, channels_last=channels_last, compile=compile)
-    cfg.validate()
+                      n_train=n_train, fast=FastPaths(amp, channels_last, compile))
     console.print(f"training {model} on {ds.name} ({len(ds.y_train)} train / {len(ds.y_test)} test, "
                   f"{'x'.join(map(str, ds.input_shape))}) for {epochs} epochs -> {path}")
-    res = train(cfg, dataset=ds, console=console)
+    res = train(cfg, dataset=ds, narrator=narrator(console))
     last = res.metrics[-1] if res.metrics else {}
     if last:
         console.print(f"done: test accuracy {last['test_acc']:.2%}; checkpoint {path}")

@@ -422,8 +422,7 @@ def run_robust_training(opts: RobustTrainOptions, narrator: Narrator = Narrator(
                       augment=opts.augment, seed=opts.seed, activation=opts.activation,
                       smooth_backward=opts.smooth_backward, out=str(out), resume=opts.resume, device=opts.device,
                       n_train=opts.n_train, val_size=opts.val_size, swa_start=opts.swa_start, swa_lr=opts.swa_lr,
-                      ema=opts.ema, amp=opts.amp, channels_last=opts.channels_last, compile=opts.compile)
-    cfg.validate()
+                      ema=opts.ema, fast=FastPaths(opts.amp, opts.channels_last, opts.compile))
     robust_val = RobustValidation(threat, steps=opts.val_steps, seed=opts.seed) if opts.val_size else None
     narrator = narrator.quieter(env_rank() != 0)  # under torchrun only rank 0 talks
     say = narrator.say
@@ -441,7 +440,7 @@ def run_robust_training(opts: RobustTrainOptions, narrator: Narrator = Narrator(
         + f" -> {out}")
     if robust_val is None:
         say(f"{narrator.setting('val_size')} 0: no held-out validation, so no best-epoch checkpoint (robust early stopping is off)")
-    res = train(cfg, method, dataset=ds, console=narrator.out, quiet=narrator.quiet, robust_val=robust_val)
+    res = train(cfg, method, dataset=ds, narrator=narrator, robust_val=robust_val)
 
     best_epoch = None
     if res.best_out is not None:

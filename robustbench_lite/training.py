@@ -3,26 +3,31 @@
 
 The loop owns: batching over tensors resident on the device, augmentation, optimiser and
 learning-rate schedule, per-epoch evaluation, metrics CSV, atomic checkpoints each epoch and exact
-resume. All randomness derives from (seed, epoch), so a resumed run replays the same batches and
-ends with the same weights as an uninterrupted one (on CPU).
+resume. All randomness derives from (seed, epoch) through rng.epoch_seed, so a resumed run replays
+the same batches and ends with the same weights as an uninterrupted one (on CPU).
 
-Hooks used by defenses: ``validate(model, epoch) -> dict`` (any extra per-epoch metrics),
-``select`` (the metric that picks best.pt), and ``averager`` (SWA / EMA weight averaging; built
-from ``cfg.swa_start`` / ``cfg.ema`` when not given).
+``train(cfg, method, ...)`` takes one frozen TrainConfig (its checks run when it is built) and
+talks through a runtime.Narrator. A Trainer does the work in named steps: ``resume()`` (the last
+epoch's weights, optimiser, averager and history), then per epoch ``run_epoch()`` (the batch loop:
+batch, learning rate, method loss, backward and step, weight averaging, running sums),
+``evaluate_epoch()`` (test accuracy and robust validation of the model to ship), and
+``save_epoch()`` or, when the method's collapse guard fires, ``roll_back()``. The method may
+define ``begin_step`` (per-step schedules such as the eps ramp) and ``check_collapse``; SWA / EMA
+weight averaging is built from ``cfg.swa_start`` / ``cfg.ema`` (defenses.averaging).
 
 Robust early stopping (Rice, Wong & Kolter, "Overfitting in adversarially robust deep learning",
 ICML 2020): with ``cfg.val_size = N`` the loop carves N examples off the training split
 (deterministically: a permutation seeded with the constant VAL_SPLIT_SEED, so every run and every
---seed holds out the same examples) and never trains on them. With ``robust_val`` it measures clean
+seed holds out the same examples) and never trains on them. With ``robust_val`` it measures clean
 and PGD accuracy on them after every epoch (``val_clean_acc``, ``val_pgd_acc``; ``val_fgsm_acc``
 too when the method's collapse guard needs it) and keeps the epoch with the best ``val_pgd_acc``.
 
 Files, for ``cfg.out = DIR/NAME.pt``:
   DIR/NAME.pt            the last epoch (resumable: optimiser, averager and history inside)
-  DIR/NAME.best.pt       the epoch with the best ``select`` metric (robust training: val_pgd_acc)
+  DIR/NAME.best.pt       the epoch with the best ``val_pgd_acc`` (with ``robust_val``)
   DIR/NAME.metrics.csv   one row per epoch (losses, accuracies, lr, seconds, img/s)
 With weight averaging the shipped weights (state_dict) are the averaged ones; the raw weights
-travel inside the training state for --resume.
+travel inside the training state for resume.
 
 Catastrophic-overfitting guard: a method may define ``check_collapse(history, row)``; when it
 returns a message the loop restores the weights, optimiser and averager of the end of the
@@ -31,31 +36,46 @@ A resumed run that had stopped stays stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import csv
-import io
+import functools
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import build_checkpoint, read_checkpoint, save_checkpoint, load_state
-from .errors import AdvbenchError
-from .fileio import atomic_write_text, ensure_dir
-from . import distributed
-from .runtime import (parse_amp, check_positive, compile_model, env_rank, progress_bar, seed_everything,
-                      to_memory_format)
+import attacks
+from attacks.engine import attack_mode
+from defenses.averaging import create_averager
+from defenses.methods import METHODS, StepOutput, TrainingMethod
+
+from . import distributed, evaluator
+from .checkpoint import build_checkpoint, load_state, read_checkpoint, save_checkpoint
+from .data import check_n_examples, load_dataset
+from .errors import SettingError
+from .fileio import LockBusy, atomic_write_text, check_not_directory, csv_text, ensure_dir, locked
+from .models import model_for_dataset
+from .rng import epoch_seed
+from .runtime import FastPaths, Narrator, check_positive, env_rank, resolve_device, seed_everything
 
 
 SCHEDULES = ("cosine", "step", "cyclic", "constant")
+OPTIMIZERS = ("sgd", "adam")
 
 
-@dataclass
+def _positive_number(value) -> bool:
+    return value > 0 and math.isfinite(value)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
+    """One training's settings, checked when built (a SettingError names the parameter)."""
+
     model: str = "smallcnn"
     dataset: str = "mnist-5k"
     epochs: int = 3
@@ -78,34 +98,44 @@ class TrainConfig:
     swa_start: Optional[int] = None     # SWA from this epoch on (defenses.averaging.SWA)
     swa_lr: Optional[float] = None      # constant learning rate from swa_start on (default: keep schedule)
     ema: Optional[float] = None         # EMA of the weights with this decay (defenses.averaging.EMA)
-    amp: Optional[str] = None           # "bf16": forward passes (inner attack included) under torch.autocast
-    channels_last: bool = False         # NHWC memory format for model and data
-    compile: bool = False               # torch.compile the model used for the training steps
+    fast: FastPaths = FastPaths()       # bf16 autocast (inner attack included), channels_last, torch.compile
 
-    def validate(self) -> None:
-        self.amp = parse_amp(self.amp)
+    def __post_init__(self):
         check_positive("epochs", self.epochs)
         check_positive("batch_size", self.batch_size)
         if self.val_size is None or self.val_size < 0:
-            raise AdvbenchError(f"--val-size must be >= 0 (got {self.val_size})")
+            raise SettingError(f"{{val_size}} must be >= 0 (got {self.val_size})", "val_size")
         if self.swa_start is not None and not (1 <= self.swa_start <= self.epochs):
-            raise AdvbenchError(f"--swa-start must be an epoch between 1 and --epochs {self.epochs} "
-                                f"(got {self.swa_start})")
+            raise SettingError(f"{{swa_start}} must be an epoch between 1 and {{epochs}} {self.epochs} "
+                               f"(got {self.swa_start})", "swa_start", "epochs")
         if self.swa_lr is not None:
             if self.swa_start is None:
-                raise AdvbenchError("--swa-lr needs --swa-start")
-            if not (self.swa_lr > 0 and math.isfinite(self.swa_lr)):
-                raise AdvbenchError(f"--swa-lr must be a positive number (got {self.swa_lr})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise AdvbenchError(f"--lr must be a positive number (got {self.lr})")
+                raise SettingError("{swa_lr} needs {swa_start}", "swa_lr", "swa_start")
+            if not _positive_number(self.swa_lr):
+                raise SettingError(f"{{swa_lr}} must be a positive number (got {self.swa_lr})", "swa_lr")
+        if not _positive_number(self.lr):
+            raise SettingError(f"{{lr}} must be a positive number (got {self.lr})", "lr")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise AdvbenchError(f"--weight-decay must be a finite number >= 0 (got {self.weight_decay})")
+            raise SettingError(f"{{weight_decay}} must be a finite number >= 0 (got {self.weight_decay})",
+                               "weight_decay")
         if not (0 <= self.momentum < 1):
-            raise AdvbenchError(f"momentum must be a number in [0, 1) (got {self.momentum})")
-        if self.optimizer not in ("sgd", "adam"):
-            raise AdvbenchError(f"invalid --optimizer {self.optimizer!r}: expected sgd or adam")
+            raise SettingError(f"{{momentum}} must be a number in [0, 1) (got {self.momentum})", "momentum")
+        if self.optimizer not in OPTIMIZERS:
+            raise SettingError(f"invalid {{optimizer}} {self.optimizer!r}: expected sgd or adam", "optimizer")
         if self.schedule not in SCHEDULES:
-            raise AdvbenchError(f"invalid --schedule {self.schedule!r}: expected cosine, step, cyclic or constant")
+            raise SettingError(f"invalid {{schedule}} {self.schedule!r}: expected cosine, step, cyclic or constant",
+                               "schedule")
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any]) -> "TrainConfig":
+        """The configuration ``asdict`` stored in a checkpoint's training state. The fast paths are one
+        ``fast`` entry, or (checkpoints of older versions) flat ``amp`` / ``channels_last`` / ``compile``
+        keys; unknown keys are left out."""
+        own = {f.name for f in fields(cls)} - {"fast"}
+        fast = stored["fast"] if isinstance(stored.get("fast"), Mapping) else stored
+        fast_keys = {f.name for f in fields(FastPaths)}
+        return cls(**{k: v for k, v in stored.items() if k in own},
+                   fast=FastPaths(**{k: v for k, v in fast.items() if k in fast_keys}))
 
 
 @dataclass
@@ -152,23 +182,17 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out.contiguous()
 
 
-@torch.no_grad()
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500, device=None,
              sharded: bool = False) -> float:
-    """Clean accuracy in eval mode. ``sharded``: under torchrun each rank counts its strided share
-    of the examples and the counts are all-reduced (every rank returns the same number)."""
-    was_training = model.training
-    model.eval()
+    """Clean accuracy (evaluator.accuracy: eval mode, the model's modes restored after). ``sharded``:
+    under torchrun each rank counts its strided share of the examples and the counts are
+    all-reduced (every rank returns the same number)."""
     device = device or next(model.parameters()).device
     total = len(y)
     if sharded:
         mine = distributed.shard(total)
         x, y = x[mine.to(x.device)], y[mine.to(y.device)]
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    for i in range(0, len(y), batch_size):
-        xb = x[i:i + batch_size].to(device, non_blocking=True)
-        correct += (model(xb).argmax(1) == y[i:i + batch_size].to(device)).sum()
-    model.train(was_training)
+    correct = evaluator.accuracy(model, x, y, batch_size, device=device)
     if sharded:
         correct = distributed.all_reduce_sum(correct)
     return correct.item() / max(1, total)
@@ -190,17 +214,8 @@ def best_path(out: Path) -> Path:
 
 
 def _write_metrics(path: Path, rows: List[Dict[str, Any]]) -> None:
-    if not rows:
-        return
-    keys: List[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
+    if rows:
+        atomic_write_text(path, csv_text(rows, float_format="{:.6g}", lineterminator="\r\n"))
 
 
 VAL_SPLIT_SEED = 20200220  # fixed: every run holds out the same validation examples
@@ -210,13 +225,11 @@ def split_train_val(n: int, val_size: int = 0, n_train: Optional[int] = None, se
     """(train ids, validation ids) into a training split of ``n`` examples.
 
     The validation ids are the first ``val_size`` of a permutation seeded with VAL_SPLIT_SEED
-    (independent of --seed), sorted; the training ids are the rest, in order. ``n_train`` then
-    draws a subset of those with a permutation seeded with ``seed`` (as Dataset.subset does)."""
-    from .data import check_n_examples
-
+    (independent of the run's seed), sorted; the training ids are the rest, in order. ``n_train``
+    then draws a subset of those with a permutation seeded with ``seed`` (as Dataset.subset does)."""
     if val_size:
         if val_size >= n:
-            raise AdvbenchError(f"--val-size {val_size} leaves no training examples (the split has {n})")
+            raise SettingError(f"{{val_size}} {val_size} leaves no training examples (the split has {n})", "val_size")
         g = torch.Generator().manual_seed(VAL_SPLIT_SEED)
         perm = torch.randperm(n, generator=g)
         val_ids = perm[:val_size].sort().values
@@ -247,11 +260,9 @@ class RobustValidation:
     extra_attacks: tuple = ()       # e.g. ("fgsm",) for the catastrophic-overfitting guard
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor, sharded: bool = False) -> Dict[str, float]:
-        """Accuracies on (x, y). ``sharded``: under torchrun each rank attacks its strided share
-        (sample ids stay the global indices, so the numbers equal a single-process run) and the
-        counts are all-reduced."""
-        import attacks
-
+        """Accuracies on (x, y), the model in eval mode (attack_mode). ``sharded``: under torchrun each
+        rank attacks its strided share (sample ids stay the global indices, so the numbers equal a
+        single-process run) and the counts are all-reduced."""
         device = next(model.parameters()).device
         specs = {"pgd": dict(steps=self.steps, restarts=1)}
         for name in self.extra_attacks:
@@ -261,54 +272,29 @@ class RobustValidation:
         correct = torch.zeros(len(keys), dtype=torch.int64, device=device)
         total = len(y)
         mine = distributed.shard(total) if sharded else torch.arange(total)
-        was = model.training
-        model.eval()
-        try:
+        with attack_mode(model, "eval"):
             for i in range(0, len(mine), self.batch_size):
                 ids = mine[i:i + self.batch_size]
                 xb, yb = x[ids.to(x.device)].to(device), y[ids.to(y.device)].to(device)
                 ids = ids.to(device)
-                with torch.no_grad():
-                    correct[0] += (model(xb).argmax(1) == yb).sum()
+                correct[0] += evaluator.accuracy(model, xb, yb, self.batch_size)
                 for k, atk in enumerate(atks.values(), start=1):
-                    xa = atk(model, xb, yb, sample_ids=ids)
-                    with torch.no_grad():
-                        correct[k] += (model(xa).argmax(1) == yb).sum()
-        finally:
-            model.train(was)
+                    correct[k] += evaluator.accuracy(model, atk(model, xb, yb, sample_ids=ids), yb, self.batch_size)
         if sharded:
             correct = distributed.all_reduce_sum(correct)
         return {f"val_{k}_acc": v / max(1, total) for k, v in zip(keys, correct.tolist())}
 
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (int(seed) * 1_000_003 + int(epoch)) % (2 ** 63 - 1)
-
-
-def _snapshot(model, opt, averager) -> Dict[str, Any]:
-    """An in-memory copy (not aliases) of everything an epoch changes, for a rollback."""
-    return {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
-            "averager": copy.deepcopy(averager.state_dict()) if averager is not None else None}
+    def with_attacks(self, names) -> "RobustValidation":
+        """This validation also running the attacks ``names`` (a collapse guard's, e.g. ("fgsm",))."""
+        extra = tuple(names or ())
+        if not extra or set(extra) <= set(self.extra_attacks):
+            return self
+        return replace(self, extra_attacks=tuple(self.extra_attacks) + extra)
 
 
 def _has_guard(method) -> bool:
-    from defenses.methods import TrainingMethod
-
     fn = getattr(type(method), "check_collapse", None)
     return fn is not None and fn is not TrainingMethod.check_collapse
-
-
-def _training_module(model, cfg: TrainConfig, device: torch.device, ctx) -> torch.nn.Module:
-    """The module the training steps call: ``model`` itself, torch.compile'd with --compile, wrapped
-    in DistributedDataParallel under torchrun. It shares ``model``'s parameters, so the optimiser,
-    checkpoints and weight averaging keep working on ``model``; attacks unwrap the DDP layer
-    (attacks.engine.unwrap) and so run the compiled local module."""
-    net = compile_model(model) if cfg.compile else model
-    if ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    return net
 
 
 def _rank_share(xb, yb, idx, ctx):
@@ -323,23 +309,335 @@ def _rank_share(xb, yb, idx, ctx):
     return xb[sel], yb[sel], idx[sel], len(sel) * ctx.world_size / n
 
 
-def _reduce_epoch_sums(seen, clean_seen, loss_acc, corr_acc, adv_acc, extra_sums, device):
-    """All-reduce the epoch's running sums (one collective; every rank gets the totals)."""
-    keys = sorted(extra_sums)
-    vals = [float(seen), float(clean_seen), loss_acc, corr_acc, adv_acc, *[extra_sums[k] for k in keys]]
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in vals])
-    t = distributed.all_reduce_sum(t).tolist()
-    return (int(round(t[0])), int(round(t[1])), torch.tensor(t[2]), torch.tensor(t[3]), torch.tensor(t[4]),
-            dict(zip(keys, t[5:])))
+class _EpochSums:
+    """The running sums of one epoch's metrics, kept on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seen = self.clean_seen = self.global_seen = 0
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.adv_correct = torch.zeros((), device=device)
+        self.extra: Dict[str, Any] = {}
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def add(self, out: StepOutput, y: torch.Tensor, weight: float, global_bs: int) -> None:
+        """One step's output on this rank's ``y`` (weight 0: a rank with no share, which counts nothing)."""
+        self.nonfinite |= ~torch.isfinite(out.loss.detach())  # checked every 10 steps (see Trainer.run_epoch)
+        bs = len(y) if weight else 0
+        self.global_seen += global_bs
+        self.loss += out.loss.detach().float() * bs
+        if out.logits is not None and bs:
+            yl = getattr(out, "clean_y", None)
+            yl = y if yl is None else yl
+            self.correct += (out.logits.detach().argmax(1) == yl).sum()
+            self.clean_seen += len(yl)
+        if out.adv_logits is not None and bs:
+            self.adv_correct += (out.adv_logits.detach().argmax(1) == y).sum()
+        for k, v in out.stats.items():
+            v = v.detach().to(device=self.device, dtype=torch.float64) if torch.is_tensor(v) else float(v)
+            self.extra[k] = self.extra.get(k, 0.0) + v * bs
+        self.seen += bs
+
+    def shown(self) -> Tuple[float, float]:
+        """(mean loss, accuracy) so far, for the progress display (clean accuracy, else adversarial)."""
+        acc = self.correct.item() / self.clean_seen if self.clean_seen else self.adv_correct.item() / max(1, self.seen)
+        return self.loss.item() / max(1, self.seen), acc
+
+    def all_reduce(self) -> None:
+        """The sums over all ranks (one collective; every rank gets the totals)."""
+        keys = sorted(self.extra)
+        vals = [float(self.seen), float(self.clean_seen), self.loss, self.correct, self.adv_correct,
+                *[self.extra[k] for k in keys]]
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in vals])
+        t = distributed.all_reduce_sum(t).tolist()
+        self.seen, self.clean_seen = int(round(t[0])), int(round(t[1]))
+        self.loss, self.correct, self.adv_correct = torch.tensor(t[2]), torch.tensor(t[3]), torch.tensor(t[4])
+        self.extra = dict(zip(keys, t[5:]))
+
+    def row(self, adversarial: bool) -> Dict[str, Any]:
+        """The epoch's training metrics (means over the examples seen)."""
+        row: Dict[str, Any] = {
+            "train_loss": self.loss.item() / self.seen,
+            "train_acc": self.correct.item() / self.clean_seen if self.clean_seen else float("nan"),
+        }
+        if adversarial:
+            row["train_adv_acc"] = self.adv_correct.item() / self.seen
+        for k, v in self.extra.items():
+            row[f"train_{k}"] = float(v) / self.seen
+        return row
+
+
+PROGRESS_FIELDS = "loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[ips]:.0f} img/s"
+
+
+class Trainer:
+    """One training of ``cfg``: the model (and the module the steps run: compiled, DDP-wrapped), its
+    optimiser and weight averager, the data split, the history and the best score so far. Under
+    torchrun every rank holds the data and the same weights and trains on its share of each global
+    batch; only rank 0 writes files or talks."""
+
+    def __init__(self, cfg: TrainConfig, method: TrainingMethod, dataset=None, narrator: Narrator = Narrator(),
+                 robust_val: Optional[RobustValidation] = None, x_val=None, y_val=None):
+        self.cfg, self.method = cfg, method
+        self.averager = create_averager(cfg.swa_start, cfg.ema)
+        if robust_val is not None:
+            if not cfg.val_size:
+                raise SettingError("robust validation needs held-out training examples: set {val_size} > 0",
+                                   "val_size")
+            robust_val = robust_val.with_attacks(getattr(method, "validation_attacks", ()))
+        self.robust_val = robust_val
+        self.select = "val_pgd_acc" if robust_val is not None else None  # the metric that picks best.pt
+        device = resolve_device(cfg.device)
+        self.ctx = distributed.init(device)
+        self.device = distributed.local_device(device)
+        self.narrator = narrator.quieter(not self.ctx.is_main)
+        self.ds = dataset if dataset is not None else load_dataset(cfg.dataset)
+        self.out = Path(cfg.out)
+        ensure_dir(self.out.parent)
+        seed_everything(cfg.seed)
+        self.model = model_for_dataset(cfg.model, self.ds, activation=cfg.activation,
+                                       smooth_backward=cfg.smooth_backward)
+        self.net = cfg.fast.accelerate(self.model, self.device)  # compiled with fast.compile (lazily)
+        self.opt = make_optimizer(cfg, self.model)
+        self._split(x_val, y_val)
+        self.guard = _has_guard(method)
+        self.begin_step = getattr(method, "begin_step", None)  # optional: per-step schedules (eps ramp)
+        self.start_epoch, self.epochs_run = 1, 0
+        self.history: List[Dict[str, Any]] = []
+        self.best_score, self.stopped = -math.inf, None
+
+    def _split(self, x_val, y_val) -> None:
+        """The training split on the device (less the held-out examples), the held-out split, the test
+        split (or ``x_val``/``y_val``) and the steps per epoch."""
+        cfg, ds = self.cfg, self.ds
+        train_ids, val_ids = split_train_val(len(ds.y_train), cfg.val_size, cfg.n_train, cfg.seed)
+        self.x_train, self.y_train = ds.x_train[train_ids].to(self.device), ds.y_train[train_ids].to(self.device)
+        self.x_hold, self.y_hold = ds.x_train[val_ids], ds.y_train[val_ids]
+        self.ids = train_ids.to(self.device)  # sample ids for the attacks' random numbers: index in the split
+        self.x_test = x_val if x_val is not None else ds.x_test
+        self.y_test = y_val if y_val is not None else ds.y_test
+        self.n = len(self.y_train)
+        self.steps_per_epoch = math.ceil(self.n / cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+
+    # -- resume ------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """With ``cfg.resume``: the weights, optimiser, averager, history and best score of the last
+        epoch in ``cfg.out`` (nothing when it does not exist yet)."""
+        out, say = self.out, self.narrator.say
+        if not self.cfg.resume:
+            return
+        if not out.is_file():
+            say(f"{self.narrator.setting('resume')}: {out} does not exist yet, starting from scratch")
+            return
+        ck = read_checkpoint(out)
+        state = self._resumable_state(ck)
+        load_state(self.model, state.get("raw_state_dict") or ck["state_dict"], source=f"checkpoint {out}")
+        if ck.get("optimizer"):
+            self.opt.load_state_dict(ck["optimizer"])
+        self.start_epoch = int(ck["epoch"]) + 1
+        self.history = list(state.get("history", []))
+        self.best_score = float(state.get("best_score", -math.inf))
+        self.stopped = state.get("stopped")
+        if self.averager is not None and state.get("averager") is not None:
+            self.averager.load_state_dict(state["averager"], self.model)
+        if self.stopped:
+            say(f"resuming {out}: training had stopped after epoch {self.start_epoch - 1} ({self.stopped}); "
+                f"nothing to do")
+        else:
+            say(f"resuming {out} from epoch {self.start_epoch} of {self.cfg.epochs}")
+
+    def _resumable_state(self, ck: Dict[str, Any]) -> Dict[str, Any]:
+        """The training state of checkpoint ``ck`` (a SettingError when it cannot resume this training)."""
+        out, model_name = self.out, self.model.spec["name"]
+        state = (ck.get("extra") or {}).get("train_state")
+        if ck.get("format") is None or state is None:
+            raise SettingError(f"{{resume}}: {out} is not a resumable training checkpoint", "resume")
+        if ck["model"] != model_name:
+            raise SettingError(f"{{resume}}: {out} holds model {ck['model']!r}, not {model_name!r}", "resume")
+        was = (ck.get("defense") or {}).get("method")
+        now = self.method.config().get("method")
+        if was and now and was != now:
+            raise SettingError(f"{{resume}}: {out} was trained with method {was!r}, not {now!r} "
+                               f"(use another {{out}} to start a new run)", "resume", "out")
+        return state
+
+    # -- the epochs --------------------------------------------------------------------------------
+    def fit(self, on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> None:
+        """The epochs from ``start_epoch`` on, until the last or a collapse; ``on_epoch_end(epoch, row)``
+        after each one's files are written."""
+        if self.ctx.enabled:  # the steps' gradients all-reduced across ranks (attacks unwrap this layer)
+            cuda = self.device.type == "cuda"
+            self.net = DistributedDataParallel(self.net, device_ids=[self.device.index] if cuda else None)
+        with self.narrator.progress(PROGRESS_FIELDS, unit="images") as progress:
+            for epoch in range(self.start_epoch, self.cfg.epochs + 1):
+                if self.stopped:
+                    break
+                snapshot = self.snapshot() if self.guard else None
+                row = self.run_epoch(epoch, progress)
+                shipped = self.evaluate_epoch(row)
+                self.epochs_run += 1
+                collapse = self.method.check_collapse(self.history, row) if self.guard else None
+                if collapse:
+                    self.roll_back(row, snapshot, collapse)
+                else:
+                    self.save_epoch(row, shipped)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, row)
+        distributed.barrier()  # the other ranks read what rank 0 wrote (best.pt, the last checkpoint)
+
+    def run_epoch(self, epoch: int, progress) -> Dict[str, Any]:
+        """One pass over the training split in the order of (seed, epoch), shown on ``progress``: the
+        epoch's training metrics."""
+        cfg, seed = self.cfg, epoch_seed(self.cfg.seed, epoch)
+        self.model.train()
+        torch.manual_seed(seed)  # dropout & co: replayed exactly on resume
+        gen = torch.Generator().manual_seed(seed)  # batch order and augmentation
+        perm = torch.randperm(self.n, generator=gen).to(self.device)
+        task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=self.n, loss=0.0, acc=0.0, ips=0.0)
+        sums, t0 = _EpochSums(self.device), time.perf_counter()
+        for b in range(self.steps_per_epoch):
+            idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            xb, yb, ids, weight = self.batch(idx, gen)
+            step = (epoch - 1) * self.steps_per_epoch + b
+            self.set_lr(step)
+            if self.begin_step is not None:
+                self.begin_step(epoch, b, self.steps_per_epoch)
+            out = self.step(xb, yb, ids, epoch, weight)
+            if self.averager is not None:
+                self.averager.update(self.model, epoch, step)
+            sums.add(out, yb, weight, len(idx))
+            if b % 10 == 0 or b == self.steps_per_epoch - 1:
+                self.report(sums, epoch, b, progress, task, t0)
+        if self.ctx.enabled:  # the epoch's sums over all ranks (also a sync point: the slowest rank's time)
+            sums.all_reduce()
+        seconds = time.perf_counter() - t0
+        progress.remove_task(task)
+        return {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"], **sums.row(self.method.adversarial),
+                "seconds": seconds, "img_per_s": sums.seen / max(seconds, 1e-9)}
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator):
+        """Global batch ``idx`` (augmented as a whole: the same random crops on every rank), this rank's
+        share of it: (images, labels, sample ids, weight of the share's mean loss)."""
+        xb, yb = self.x_train[idx], self.y_train[idx]
+        if self.cfg.augment:
+            xb = augment_batch(xb, gen)
+        weight = 1.0
+        if self.ctx.enabled:
+            xb, yb, idx, weight = _rank_share(xb, yb, idx, self.ctx)
+        return self.cfg.fast.inputs(xb), yb, self.ids[idx], weight
+
+    def set_lr(self, step: int) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.cfg, step, self.total_steps, self.steps_per_epoch)
+
+    def step(self, xb, yb, ids, epoch: int, weight: float) -> StepOutput:
+        """The method's loss on the batch, its gradient, one optimiser step."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.fast.amp == "bf16"):
+            out = self.method.loss(self.net, xb, yb, ids, epoch)
+        self.opt.zero_grad(set_to_none=True)
+        # DDP averages gradients over ranks; weighting each rank's mean loss by its share of the
+        # global batch makes that average the gradient of the global batch's mean loss
+        (out.loss * weight if self.ctx.enabled else out.loss).backward()
+        self.opt.step()
+        return out
+
+    def report(self, sums: _EpochSums, epoch: int, b: int, progress, task, t0: float) -> None:
+        """After step ``b`` (every 10 steps: a host sync): stop on a loss that is not finite, move the
+        progress display."""
+        if sums.nonfinite.item():  # every rank sees it at the same step (DDP averages NaN gradients)
+            raise SettingError(f"training diverged at epoch {epoch}: the loss is not finite by step {b + 1} of "
+                               f"{self.steps_per_epoch}; lower {{lr}}", "lr")
+        loss, acc = sums.shown()
+        ips = sums.global_seen / max(time.perf_counter() - t0, 1e-9)
+        progress.update(task, completed=sums.global_seen, loss=loss, acc=acc, ips=ips)
+
+    def shipped(self) -> torch.nn.Module:
+        """The model to evaluate and ship: the averaged one with SWA / EMA (once it averages), else the model."""
+        return self.averager.averaged_model(self.model, self.x_train) if self.averager is not None else self.model
+
+    def evaluate_epoch(self, row: Dict[str, Any]) -> torch.nn.Module:
+        """Test accuracy (and robust validation) of the model to ship, into ``row``; that model."""
+        model = self.shipped()
+        row["test_acc"] = accuracy(model, self.x_test, self.y_test, self.cfg.eval_batch_size, self.device,
+                                   sharded=self.ctx.enabled)
+        if self.robust_val is not None:
+            row.update(self.robust_val(model, self.x_hold, self.y_hold, sharded=self.ctx.enabled))
+        return model
+
+    # -- the end of an epoch: files, or a rollback -------------------------------------------------
+    def snapshot(self) -> Dict[str, Any]:
+        """An in-memory copy (not aliases) of everything an epoch changes, for a rollback."""
+        return {"model": copy.deepcopy(self.model.state_dict()), "opt": copy.deepcopy(self.opt.state_dict()),
+                "averager": copy.deepcopy(self.averager.state_dict()) if self.averager is not None else None}
+
+    def checkpoint(self, model, epoch: int, metrics: Dict[str, Any]) -> Dict[str, Any]:
+        """A checkpoint of ``model`` after ``epoch`` with the resumable training state."""
+        train_state = {"history": self.history, "best_score": self.best_score,
+                       "averager": self.averager.state_dict() if self.averager is not None else None,
+                       "config": asdict(self.cfg), "stopped": self.stopped}
+        defense = _defense_config(self.method, self.averager, self.cfg)
+        return build_checkpoint(model, dataset=self.ds.name, defense=defense, metrics=metrics, epoch=epoch,
+                                optimizer=self.opt.state_dict(), extra={"train_state": train_state})
+
+    def save_epoch(self, row: Dict[str, Any], shipped: torch.nn.Module) -> None:
+        """Record the epoch: history, best score, best.pt (if improved), the last checkpoint, metrics."""
+        epoch = row["epoch"]
+        self.history.append(row)
+        improved = False
+        if self.select:
+            score = float(row.get(self.select, -math.inf))
+            if score > self.best_score:
+                self.best_score, improved = score, True
+        if self.ctx.is_main:  # rank 0 writes
+            ck = self.checkpoint(shipped, epoch, {k: v for k, v in row.items() if k != "epoch"})
+            if shipped is not self.model:  # resume needs the raw weights; the averaged ones are what we ship
+                ck["extra"]["train_state"]["raw_state_dict"] = {k: v.detach().cpu() for k, v in
+                                                                 self.model.state_dict().items()}
+            # best.pt first: the last checkpoint records best_score, so once it is written a resume
+            # will not rewrite best.pt for this epoch
+            if improved:
+                save_checkpoint(best_path(self.out), {**ck, "optimizer": None, "extra": {"best_epoch": epoch}})
+            save_checkpoint(self.out, ck)
+            _write_metrics(metrics_path(self.out), self.history)
+        self.narrator.say(_epoch_line(row, self.cfg.epochs))
+
+    def roll_back(self, row: Dict[str, Any], snapshot: Dict[str, Any], collapse: str) -> None:
+        """Training collapsed in this epoch: back to the weights, optimiser and averager of the end of
+        the previous one; the epoch is recorded as rolled back, and training stops (also on resume)."""
+        epoch = row["epoch"]
+        self.model.load_state_dict(snapshot["model"])
+        self.opt.load_state_dict(snapshot["opt"])
+        if self.averager is not None:
+            self.averager.load_state_dict(snapshot["averager"], self.model)
+        row["rolled_back"] = 1
+        self.history.append(row)
+        self.stopped = collapse + f"; rolled back to the weights of epoch {epoch - 1} and stopped"
+        self.narrator.say(_epoch_line(row, self.cfg.epochs))
+        self.narrator.say(self.stopped, style="bold red")
+        if not self.ctx.is_main:  # rank 0 writes; the others roll back in memory only
+            return
+        _write_metrics(metrics_path(self.out), self.history)
+        if epoch > 1:
+            ck = read_checkpoint(self.out)  # the previous epoch's, still on disk
+            ck["extra"]["train_state"].update(history=self.history, stopped=self.stopped)
+        else:  # nothing worth shipping was trained: keep the initial weights, marked stopped
+            ck = self.checkpoint(self.model, 0, {})
+        save_checkpoint(self.out, ck)
+
+    def result(self) -> TrainResult:
+        """What the training leaves: its files, its metrics and the shipped model (in eval mode)."""
+        final = self.shipped()
+        final.eval()
+        best = best_path(self.out) if self.select else None
+        return TrainResult(out=self.out, epochs_run=self.epochs_run, metrics=self.history, model=final,
+                           best_out=best if best is not None and best.exists() else None, stopped=self.stopped)
 
 
 def _output_locked(train_fn):
     """Hold a lock on ``cfg.out`` for the whole training (rank 0 only; under torchrun the others follow
     it): a second training of the same output is refused at once instead of re-running its epochs."""
-    import contextlib
-    import functools
-
-    from .fileio import LockBusy, check_not_directory, locked
 
     @functools.wraps(train_fn)
     def wrapper(cfg: TrainConfig, *args, **kwargs):
@@ -351,261 +649,29 @@ def _output_locked(train_fn):
                 try:
                     stack.enter_context(locked(out, timeout=0))
                 except LockBusy:
-                    raise AdvbenchError(f"{out} is being trained by another process (lock {out}.lock held); wait "
-                                        f"for it to finish or choose another --out") from None
+                    raise SettingError(f"{out} is being trained by another process (lock {out}.lock held); wait "
+                                       f"for it to finish or choose another {{out}}", "out") from None
             return train_fn(cfg, *args, **kwargs)
 
     return wrapper
 
 
 @_output_locked
-def train(cfg: TrainConfig, method=None, *, dataset=None, model=None,
-          validate: Optional[Callable[[Any, int], Dict[str, float]]] = None, select: Optional[str] = None,
-          averager=None, console=None, quiet: bool = False, x_val=None, y_val=None,
-          on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
-          robust_val: Optional[RobustValidation] = None) -> TrainResult:
-    """Train ``cfg.model`` on ``cfg.dataset`` with ``method`` (default: standard training).
+def train(cfg: TrainConfig, method: Optional[TrainingMethod] = None, *, dataset=None,
+          narrator: Narrator = Narrator(), robust_val: Optional[RobustValidation] = None, x_val=None, y_val=None,
+          on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> TrainResult:
+    """Train ``cfg.model`` on ``dataset`` (default: ``cfg.dataset``) with ``method`` (default: standard
+    training), talking through ``narrator`` (default: a progress display on stderr, no lines).
 
     Writes ``cfg.out`` (last epoch, with optimiser state) after every epoch, ``<out>.metrics.csv``,
-    and ``<out>.best.pt`` when ``select`` names a metric to maximise (default with ``robust_val``:
-    val_pgd_acc). ``x_val``/``y_val`` replace the test split for the per-epoch ``test_acc``."""
-    from .data import load_dataset
-    from .models import model_for_dataset
-    from .runtime import resolve_device
-
-    if method is None:
-        from defenses.methods import METHODS
-
-        method = METHODS.create("standard")
-    cfg.validate()
-    if averager is None and (cfg.swa_start is not None or cfg.ema is not None):
-        from defenses.averaging import create_averager
-
-        averager = create_averager(cfg.swa_start, cfg.ema)
-    if robust_val is not None:
-        if not cfg.val_size:
-            raise AdvbenchError("robust validation needs held-out training examples: set --val-size > 0")
-        extra = tuple(getattr(method, "validation_attacks", ()) or ())
-        if extra and not set(extra) <= set(robust_val.extra_attacks):
-            robust_val = replace(robust_val, extra_attacks=tuple(robust_val.extra_attacks) + extra)
-        select = select or "val_pgd_acc"
-    device = resolve_device(cfg.device)
-    # under torchrun: one process per device; every rank holds the data and the same weights and
-    # trains on its share of each global batch (see the batch loop); only rank 0 writes or prints
-    ctx = distributed.init(device)
-    device = distributed.local_device(device)
-    quiet = quiet or not ctx.is_main
-    ds = dataset if dataset is not None else load_dataset(cfg.dataset)
-    out = Path(cfg.out)
-    ensure_dir(out.parent)
-    seed_everything(cfg.seed)
-    if model is None:
-        model = model_for_dataset(cfg.model, ds, activation=cfg.activation, smooth_backward=cfg.smooth_backward)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(cfg, model)
-
-    train_ids, val_ids = split_train_val(len(ds.y_train), cfg.val_size, cfg.n_train, cfg.seed)
-    x_train, y_train = ds.x_train[train_ids].to(device), ds.y_train[train_ids].to(device)
-    x_hold, y_hold = ds.x_train[val_ids], ds.y_train[val_ids]
-    ids_all = train_ids.to(device)  # sample ids for the attacks' random numbers: index in the split
-    n = len(y_train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-
-    start_epoch, history, best_score, stopped = 1, [], -math.inf, None
-    if cfg.resume and out.is_file():
-        ck = read_checkpoint(out)
-        state = (ck.get("extra") or {}).get("train_state")
-        if ck.get("format") is None or state is None:
-            raise AdvbenchError(f"--resume: {out} is not a resumable training checkpoint")
-        if ck["model"] != model.spec["name"]:
-            raise AdvbenchError(f"--resume: {out} holds model {ck['model']!r}, not {model.spec['name']!r}")
-        was = (ck.get("defense") or {}).get("method")
-        now = method.config().get("method")
-        if was and now and was != now:
-            raise AdvbenchError(f"--resume: {out} was trained with method {was!r}, not {now!r} "
-                                f"(use another --out to start a new run)")
-        load_state(model, state.get("raw_state_dict") or ck["state_dict"], source=f"checkpoint {out}")
-        if ck.get("optimizer"):
-            opt.load_state_dict(ck["optimizer"])
-        start_epoch = int(ck["epoch"]) + 1
-        history = list(state.get("history", []))
-        best_score = float(state.get("best_score", -math.inf))
-        stopped = state.get("stopped")
-        if averager is not None and state.get("averager") is not None:
-            averager.load_state_dict(state["averager"], model)
-        if not quiet and console is not None:
-            if stopped:
-                console.print(f"resuming {out}: training had stopped after epoch {start_epoch - 1} ({stopped}); "
-                              f"nothing to do")
-            else:
-                console.print(f"resuming {out} from epoch {start_epoch} of {cfg.epochs}")
-    elif cfg.resume and not quiet and console is not None:
-        console.print(f"--resume: {out} does not exist yet, starting from scratch")
-    net = _training_module(model, cfg, device, ctx)  # what the steps run: compiled and/or DDP-wrapped
-
-    progress = progress_bar("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[ips]:.0f} img/s",
-                            quiet=quiet, unit="images")
-    best_out = best_path(out) if select else None
-    x_test = x_val if x_val is not None else ds.x_test
-    y_test = y_val if y_val is not None else ds.y_test
-    guard = _has_guard(method)
-    begin_step = getattr(method, "begin_step", None)  # optional: per-step schedules (eps ramp)
-    epochs_run = 0
-    with progress:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            if stopped:
-                break
-            snapshot = _snapshot(model, opt, averager) if guard else None
-            model.train()
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout & co: replayed exactly on --resume
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n, generator=gen).to(device)
-            task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=n, loss=0.0, acc=0.0, ips=0.0)
-            t0 = time.perf_counter()
-            seen, clean_seen, global_seen = 0, 0, 0
-            loss_acc = torch.zeros((), device=device)
-            corr_acc = torch.zeros((), device=device)
-            adv_acc = torch.zeros((), device=device)
-            extra_sums: Dict[str, torch.Tensor] = {}
-            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-            for b in range(steps_per_epoch):
-                idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                xb, yb = x_train[idx], y_train[idx]
-                if cfg.augment:
-                    xb = augment_batch(xb, gen)  # the whole global batch: same random crops on every rank
-                global_bs = len(idx)
-                weight = 1.0
-                if ctx.enabled:
-                    xb, yb, idx, weight = _rank_share(xb, yb, idx, ctx)
-                xb = to_memory_format(xb, cfg.channels_last)
-                step = (epoch - 1) * steps_per_epoch + b
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(cfg, step, total_steps, steps_per_epoch)
-                if begin_step is not None:
-                    begin_step(epoch, b, steps_per_epoch)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-                    outp = method.loss(net, xb, yb, ids_all[idx], epoch)
-                nonfinite |= ~torch.isfinite(outp.loss.detach())  # checked every 10 steps: no per-step host sync
-                opt.zero_grad(set_to_none=True)
-                # DDP averages gradients over ranks; weighting each rank's mean loss by its share of
-                # the global batch makes that average the gradient of the global batch's mean loss
-                (outp.loss * weight if ctx.enabled else outp.loss).backward()
-                opt.step()
-                if averager is not None:
-                    averager.update(model, epoch, step)
-                bs = len(yb) if weight else 0  # a rank with no share of a tiny last batch counts nothing
-                global_seen += global_bs
-                loss_acc += outp.loss.detach().float() * bs
-                if outp.logits is not None and bs:
-                    yl = getattr(outp, "clean_y", None)
-                    yl = yb if yl is None else yl
-                    corr_acc += (outp.logits.detach().argmax(1) == yl).sum()
-                    clean_seen += len(yl)
-                if outp.adv_logits is not None and bs:
-                    adv_acc += (outp.adv_logits.detach().argmax(1) == yb).sum()
-                for k, v in outp.stats.items():
-                    v = v.detach().to(device=device, dtype=torch.float64) if torch.is_tensor(v) else float(v)
-                    extra_sums[k] = extra_sums.get(k, 0.0) + v * bs
-                seen += bs
-                if b % 10 == 0 or b == steps_per_epoch - 1:
-                    if nonfinite.item():  # every rank sees it at the same step (DDP averages NaN gradients)
-                        raise AdvbenchError(f"training diverged at epoch {epoch}: the loss is not finite by step "
-                                            f"{b + 1} of {steps_per_epoch}; lower --lr")
-                    el = time.perf_counter() - t0
-                    shown = corr_acc.item() / clean_seen if clean_seen else adv_acc.item() / max(1, seen)
-                    progress.update(task, completed=global_seen, loss=loss_acc.item() / max(1, seen),
-                                    acc=shown, ips=global_seen / max(el, 1e-9))
-            if ctx.enabled:  # the epoch's sums over all ranks (also a sync point, so the time is the slowest rank's)
-                seen, clean_seen, loss_acc, corr_acc, adv_acc, extra_sums = _reduce_epoch_sums(
-                    seen, clean_seen, loss_acc, corr_acc, adv_acc, extra_sums, device)
-            seconds = time.perf_counter() - t0
-            progress.remove_task(task)
-            row: Dict[str, Any] = {
-                "epoch": epoch,
-                "lr": opt.param_groups[0]["lr"],
-                "train_loss": loss_acc.item() / seen,
-                "train_acc": corr_acc.item() / clean_seen if clean_seen else float("nan"),
-            }
-            if method.adversarial:
-                row["train_adv_acc"] = adv_acc.item() / seen
-            for k, v in extra_sums.items():
-                row[f"train_{k}"] = float(v) / seen
-            row["seconds"] = seconds
-            row["img_per_s"] = seen / max(seconds, 1e-9)
-            eval_model = averager.averaged_model(model, x_train) if averager is not None else model
-            row["test_acc"] = accuracy(eval_model, x_test, y_test, cfg.eval_batch_size, device, sharded=ctx.enabled)
-            if robust_val is not None:
-                row.update(robust_val(eval_model, x_hold, y_hold, sharded=ctx.enabled))
-            if validate is not None:
-                row.update(validate(eval_model, epoch))
-            epochs_run += 1
-
-            collapse = method.check_collapse(history, row) if guard else None
-            if collapse:  # roll back to the end of the previous epoch, record it, stop
-                model.load_state_dict(snapshot["model"])
-                opt.load_state_dict(snapshot["opt"])
-                if averager is not None:
-                    averager.load_state_dict(snapshot["averager"], model)
-                row["rolled_back"] = 1
-                history.append(row)
-                stopped = collapse + f"; rolled back to the weights of epoch {epoch - 1} and stopped"
-                if console is not None and not quiet:
-                    console.print(_epoch_line(row, cfg.epochs))
-                    console.print(stopped, style="bold red", markup=False, highlight=False)
-                if ctx.is_main:  # rank 0 writes; the others roll back in memory only
-                    _write_metrics(metrics_path(out), history)
-                    if epoch > 1:
-                        ck = read_checkpoint(out)  # the previous epoch's, still on disk
-                        ck["extra"]["train_state"].update(history=history, stopped=stopped)
-                        save_checkpoint(out, ck)
-                    else:  # nothing worth shipping was trained: keep the initial weights, marked stopped
-                        state0 = {"history": history, "best_score": best_score, "config": asdict(cfg),
-                                  "averager": averager.state_dict() if averager is not None else None,
-                                  "stopped": stopped}
-                        ck = build_checkpoint(model, dataset=ds.name,
-                                              defense=_defense_config(method, averager, cfg), metrics={}, epoch=0,
-                                              optimizer=opt.state_dict(), extra={"train_state": state0})
-                        save_checkpoint(out, ck)
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, row)
-                break
-
-            history.append(row)
-            improved = False
-            if select:
-                score = float(row.get(select, -math.inf))
-                if score > best_score:
-                    best_score, improved = score, True
-            if ctx.is_main:  # the end-of-epoch files: best.pt (if improved), the resumable last checkpoint, metrics
-                metrics = {k: v for k, v in row.items() if k != "epoch"}
-                train_state = {"history": history, "best_score": best_score,
-                               "averager": averager.state_dict() if averager is not None else None,
-                               "config": asdict(cfg), "stopped": None}
-                ck = build_checkpoint(eval_model, dataset=ds.name, defense=_defense_config(method, averager, cfg),
-                                      metrics=metrics, epoch=epoch, optimizer=opt.state_dict(),
-                                      extra={"train_state": train_state})
-                if eval_model is not model:  # resume needs the raw weights; the averaged ones are what we ship
-                    ck["extra"]["train_state"]["raw_state_dict"] = {k: v.detach().cpu() for k, v in
-                                                                     model.state_dict().items()}
-                # best.pt first: the last checkpoint records best_score, so once it is written a resume
-                # will not rewrite best.pt for this epoch
-                if improved and best_out is not None:
-                    save_checkpoint(best_out, {**ck, "optimizer": None, "extra": {"best_epoch": epoch}})
-                save_checkpoint(out, ck)
-                _write_metrics(metrics_path(out), history)
-            if console is not None and not quiet:
-                console.print(_epoch_line(row, cfg.epochs))
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, row)
-    distributed.barrier()  # the other ranks read what rank 0 wrote (best.pt, the last checkpoint)
-    final = averager.averaged_model(model, x_train) if averager is not None else model
-    final.eval()
-    return TrainResult(out=out, epochs_run=epochs_run, metrics=history, model=final,
-                       best_out=best_out if best_out is not None and best_out.exists() else None,
-                       stopped=stopped)
+    and with ``robust_val`` ``<out>.best.pt`` (the epoch with the best val_pgd_acc). ``x_val``/``y_val``
+    replace the test split for the per-epoch ``test_acc``; ``on_epoch_end(epoch, row)`` runs after
+    each epoch's files are written."""
+    trainer = Trainer(cfg, method if method is not None else METHODS.create("standard"), dataset, narrator,
+                      robust_val, x_val, y_val)
+    trainer.resume()
+    trainer.fit(on_epoch_end)
+    return trainer.result()
 
 
 def _defense_config(method, averager, cfg: Optional[TrainConfig] = None) -> Dict[str, Any]:

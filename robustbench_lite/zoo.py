@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 import re
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -80,8 +80,7 @@ def interrupted_config(ckpt) -> Optional[TrainConfig]:
     epochs = stored.get("epochs")
     if not isinstance(epochs, int) or int(ckpt.get("epoch") or 0) >= epochs:
         return None
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in stored.items() if k in known})
+    return TrainConfig.from_dict(stored)
 
 
 def get_or_train(model: str, ds: Dataset, seed: int = 0, device: str = "cpu",
@@ -114,7 +113,7 @@ def get_or_train(model: str, ds: Dataset, seed: int = 0, device: str = "cpu",
             cfg = baseline_config(model, ds.name, path, seed=seed, device=device)
             narrator.say(f"no zoo checkpoint {path}: training a standard {model} baseline on {ds.name} first "
                          f"({cfg.epochs} epochs)")
-        res = train(cfg, dataset=ds, console=narrator.out, quiet=narrator.quiet)
+        res = train(cfg, dataset=ds, narrator=narrator)
         return res.model, path, True
 
 

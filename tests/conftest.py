@@ -50,11 +50,12 @@ def mnist5k():
 @pytest.fixture(scope="session")
 def trained_smallcnn_path(tmp_path_factory, mnist5k):
     """A standard smallcnn trained for 2 epochs on mnist-5k (about 10 s on 2 cores)."""
+    from robustbench_lite.runtime import SILENT
     from robustbench_lite.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("zoo") / "smallcnn-mnist-5k-standard.pt"
     train(TrainConfig(model="smallcnn", dataset="mnist-5k", epochs=2, out=str(out), device="cpu", seed=0),
-          dataset=mnist5k, quiet=True)
+          dataset=mnist5k, narrator=SILENT)
     return out
 
 

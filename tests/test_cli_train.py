@@ -40,6 +40,7 @@ def test_train_writes_checkpoint_metrics_and_resumes(tmp_path):
 
 
 def test_resume_after_a_crash_gives_the_same_weights(tmp_path, mnist5k):
+    from robustbench_lite.runtime import SILENT
     from robustbench_lite.training import TrainConfig, train
 
     def cfg(out, resume=False):
@@ -52,11 +53,11 @@ def test_resume_after_a_crash_gives_the_same_weights(tmp_path, mnist5k):
 
     out = tmp_path / "crashed.pt"
     with pytest.raises(KeyboardInterrupt):
-        train(cfg(out), dataset=mnist5k, quiet=True, on_epoch_end=crash_after_1)
+        train(cfg(out), dataset=mnist5k, narrator=SILENT, on_epoch_end=crash_after_1)
     assert read_checkpoint(out)["epoch"] == 1
-    resumed = train(cfg(out, resume=True), dataset=mnist5k, quiet=True)
+    resumed = train(cfg(out, resume=True), dataset=mnist5k, narrator=SILENT)
     assert resumed.epochs_run == 2
-    straight = train(cfg(tmp_path / "straight.pt"), dataset=mnist5k, quiet=True)
+    straight = train(cfg(tmp_path / "straight.pt"), dataset=mnist5k, narrator=SILENT)
     a, b = read_checkpoint(out)["state_dict"], read_checkpoint(straight.out)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["epoch"] for r in resumed.metrics] == [1, 2, 3]

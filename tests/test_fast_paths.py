@@ -56,10 +56,10 @@ def test_training_fast_paths_train_as_well(tmp_path):
     base, _ = _train(tmp_path, "base")
     cl, ck = _train(tmp_path, "cl", "--channels-last")
     assert cl == pytest.approx(base, abs=0.02)
-    assert ck["extra"]["train_state"]["config"]["channels_last"] is True
+    assert ck["extra"]["train_state"]["config"]["fast"]["channels_last"] is True
     bf, ck = _train(tmp_path, "bf", "--amp", "bf16")
     assert base > 0.7 and bf > 0.7 and bf == pytest.approx(base, abs=0.05)
-    assert ck["extra"]["train_state"]["config"]["amp"] == "bf16"
+    assert ck["extra"]["train_state"]["config"]["fast"]["amp"] == "bf16"
 
 
 def test_training_rejects_unknown_amp(tmp_path):

@@ -7,6 +7,7 @@ import torch
 
 import attacks
 from robustbench_lite.threat import ThreatModel
+from robustbench_lite.runtime import SILENT
 from robustbench_lite.training import TrainConfig, train
 
 pytestmark = [pytest.mark.gpu,
@@ -43,7 +44,7 @@ def test_training_fast_paths_on_cuda(tmp_path, mnist5k, flags):
     def run(name, **kw):
         cfg = TrainConfig(epochs=1, n_train=2000, batch_size=64, out=str(tmp_path / f"{name}.pt"), device="cuda",
                           **kw)
-        return train(cfg, dataset=mnist5k, quiet=True).metrics[-1]["test_acc"]
+        return train(cfg, dataset=mnist5k, narrator=SILENT).metrics[-1]["test_acc"]
 
     base = run("base")
     assert base > 0.85

@@ -114,6 +114,7 @@ def _npz(path: Path, channels: int, size: int, classes: int) -> None:
 @pytest.fixture(scope="module")
 def template(tmp_path_factory, trained_smallcnn_path, mnist5k):
     """results/ with the zoo smallcnn and one real recorded run; in/ with every kind of bad file."""
+    from robustbench_lite.runtime import SILENT
     from robustbench_lite.training import TrainConfig, train
 
     w = tmp_path_factory.mktemp("world")
@@ -152,7 +153,7 @@ def template(tmp_path_factory, trained_smallcnn_path, mnist5k):
     ck["state_dict"]["body.0.weight"] = [[0.0]]
     torch.save(ck, inp / "not_tensor.pt")
     train(TrainConfig(model="lenet", epochs=1, n_train=100, batch_size=50, out=str(inp / "lenet_train.pt"),
-                      device="cpu"), dataset=mnist5k, quiet=True)
+                      device="cpu"), dataset=mnist5k, narrator=SILENT)
     _npz(inp / "rgb.npz", 3, 32, 10)
     _npz(inp / "three.npz", 1, 28, 3)
     _npz(inp / "one_class.npz", 1, 28, 1)

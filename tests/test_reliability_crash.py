@@ -260,6 +260,7 @@ def test_interrupted_zoo_baseline_is_resumed_not_used_half_trained(tmp_path, mni
     """`advbench attack --model M` trains M's zoo baseline when it is missing; a kill during that
     training leaves a checkpoint of the last finished epoch. The next attack finishes the training
     (same weights as an uninterrupted one) instead of benchmarking a half-trained model."""
+    from robustbench_lite.runtime import SILENT
     from robustbench_lite.training import train
 
     orig = zoo.baseline_config
@@ -273,7 +274,7 @@ def test_interrupted_zoo_baseline_is_resumed_not_used_half_trained(tmp_path, mni
             raise KeyboardInterrupt  # the state a SIGKILL after epoch 1's checkpoint leaves on disk
 
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, dataset=mnist5k, quiet=True, on_epoch_end=killed_after_epoch_1)
+        train(cfg, dataset=mnist5k, narrator=SILENT, on_epoch_end=killed_after_epoch_1)
     assert read_checkpoint(path)["epoch"] == 1
 
     r = CliRunner().invoke(app, ["attack", "--model", "lenet", "--eps", "0.1", "--attack", "fgsm", "-n", "20",
@@ -282,7 +283,7 @@ def test_interrupted_zoo_baseline_is_resumed_not_used_half_trained(tmp_path, mni
     assert f"zoo checkpoint {path} is from an interrupted training (epoch 1 of 2): resuming it first" in r.stdout
     resumed = read_checkpoint(path)
     assert resumed["epoch"] == 2
-    straight = train(replace(cfg, out=str(tmp_path / "straight.pt")), dataset=mnist5k, quiet=True)
+    straight = train(replace(cfg, out=str(tmp_path / "straight.pt")), dataset=mnist5k, narrator=SILENT)
     ref = read_checkpoint(straight.out)["state_dict"]
     assert all(torch.equal(resumed["state_dict"][k], ref[k]) for k in ref)
     # a finished baseline is used as it is
@@ -297,12 +298,13 @@ def test_interrupted_zoo_baseline_is_resumed_not_used_half_trained(tmp_path, mni
 def _tiny_robust_run(out, resume=False):
     from defenses import methods
     from robustbench_lite.threat import ThreatModel
+    from robustbench_lite.runtime import SILENT
     from robustbench_lite.training import RobustValidation, TrainConfig, train
 
     threat = ThreatModel("linf", 0.3)
     cfg = TrainConfig(model="lenet", epochs=3, n_train=200, batch_size=50, optimizer="adam", lr=0.003,
                       weight_decay=0.0, out=str(out), device="cpu", seed=3, val_size=100, resume=resume)
-    return train(cfg, methods.create("pgd-at", threat=threat, seed=3, steps=2), quiet=True,
+    return train(cfg, methods.create("pgd-at", threat=threat, seed=3, steps=2), narrator=SILENT,
                  robust_val=RobustValidation(threat, steps=2))
 
 

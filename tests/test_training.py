@@ -14,6 +14,7 @@ from defenses.methods import PGDAT
 from robustbench_lite.checkpoint import read_checkpoint
 from robustbench_lite.cli import app
 from robustbench_lite.errors import AdvbenchError
+from robustbench_lite.runtime import SILENT
 from robustbench_lite.threat import ThreatModel
 from robustbench_lite.training import (RobustValidation, TrainConfig, best_path, lr_at, metrics_path,
                                        split_train_val, train)
@@ -52,7 +53,7 @@ def _equal_states(a, b):
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, mnist5k, method, averaging):
     def run(out, resume=False, hook=None):
         m = methods.create(method, threat=THREAT, seed=3, **({} if method == "fgsm-rs" else {"steps": 2}))
-        return train(tiny_cfg(out, resume=resume, **averaging), m, dataset=mnist5k, quiet=True,
+        return train(tiny_cfg(out, resume=resume, **averaging), m, dataset=mnist5k, narrator=SILENT,
                      robust_val=RobustValidation(THREAT, steps=2), on_epoch_end=hook)
 
     straight = run(tmp_path / "straight.pt")
@@ -77,8 +78,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, mnist5k
 def test_resume_of_a_finished_run_trains_nothing(tmp_path, mnist5k):
     out = tmp_path / "done.pt"
     m = methods.create("fgsm-rs", threat=THREAT)
-    train(tiny_cfg(out, epochs=1), m, dataset=mnist5k, quiet=True)
-    again = train(tiny_cfg(out, epochs=1, resume=True), m, dataset=mnist5k, quiet=True)
+    train(tiny_cfg(out, epochs=1), m, dataset=mnist5k, narrator=SILENT)
+    again = train(tiny_cfg(out, epochs=1, resume=True), m, dataset=mnist5k, narrator=SILENT)
     assert again.epochs_run == 0 and len(again.metrics) == 1
 
 
@@ -94,7 +95,7 @@ def test_validation_split_is_deterministic_and_disjoint():
     # without validation, n_train picks what Dataset.subset picks
     g = torch.Generator().manual_seed(4)
     assert torch.equal(split_train_val(1000, 0, 30, 4)[0], torch.randperm(1000, generator=g)[:30].sort().values)
-    with pytest.raises(AdvbenchError, match="--val-size 1000 leaves no training examples"):
+    with pytest.raises(AdvbenchError, match="^val_size 1000 leaves no training examples"):
         split_train_val(1000, 1000)
     with pytest.raises(AdvbenchError, match="larger than the training examples left"):
         split_train_val(1000, 100, n_train=950)
@@ -109,7 +110,7 @@ def test_training_never_sees_the_held_out_examples(tmp_path, mnist5k):
             return super().loss(model, x, y, ids, epoch)
 
     train(tiny_cfg(tmp_path / "spy.pt", epochs=1, n_train=None, val_size=3900), Spy(THREAT, steps=1),
-          dataset=mnist5k, quiet=True)
+          dataset=mnist5k, narrator=SILENT)
     ids = torch.cat(seen)
     _, val = split_train_val(len(mnist5k.y_train), 3900)
     assert len(ids) == 100 and not set(ids.tolist()) & set(val.tolist())
@@ -118,7 +119,8 @@ def test_training_never_sees_the_held_out_examples(tmp_path, mnist5k):
 def test_best_checkpoint_metrics_csv_and_defense_record(tmp_path, mnist5k):
     out = tmp_path / "m.pt"
     m = methods.create("pgd-at", threat=THREAT, steps=2)
-    res = train(tiny_cfg(out, epochs=3), m, dataset=mnist5k, quiet=True, robust_val=RobustValidation(THREAT, steps=2))
+    res = train(tiny_cfg(out, epochs=3), m, dataset=mnist5k, narrator=SILENT,
+                robust_val=RobustValidation(THREAT, steps=2))
     rows = list(csv.DictReader(metrics_path(out).open()))
     assert len(rows) == 3
     for col in ("epoch", "lr", "train_loss", "train_acc", "train_adv_acc", "train_adv_loss", "train_clean_loss",
@@ -134,18 +136,30 @@ def test_best_checkpoint_metrics_csv_and_defense_record(tmp_path, mnist5k):
 
 
 def test_robust_validation_needs_held_out_examples(tmp_path, mnist5k):
-    with pytest.raises(AdvbenchError, match="--val-size"):
+    with pytest.raises(AdvbenchError, match="set val_size > 0"):
         train(tiny_cfg(tmp_path / "x.pt", val_size=0), methods.create("pgd-at", threat=THREAT), dataset=mnist5k,
-              quiet=True, robust_val=RobustValidation(THREAT))
+              narrator=SILENT, robust_val=RobustValidation(THREAT))
 
 
 def test_swa_learning_rate_and_config_checks():
     cfg = TrainConfig(epochs=4, lr=0.1, swa_start=3, swa_lr=0.01)
     assert lr_at(cfg, 0, 40, 10) == 0.1 and lr_at(cfg, 19, 40, 10) < 0.1 and lr_at(cfg, 20, 40, 10) == 0.01
-    for bad, match in ((dict(swa_start=5), "--swa-start"), (dict(swa_lr=0.1), "--swa-lr needs"),
-                       (dict(val_size=-1), "--val-size")):
+    for bad, match in ((dict(swa_start=5), "^swa_start must be an epoch between 1 and epochs 4"),
+                       (dict(swa_lr=0.1), "^swa_lr needs"), (dict(val_size=-1), "^val_size must be")):
         with pytest.raises(AdvbenchError, match=match):
-            TrainConfig(epochs=4, **bad).validate()
+            TrainConfig(epochs=4, **bad)
+
+
+def test_config_round_trips_through_a_checkpoint_also_in_the_old_flat_layout():
+    from dataclasses import asdict
+
+    from robustbench_lite.runtime import FastPaths
+
+    cfg = TrainConfig(epochs=4, swa_start=2, fast=FastPaths(amp="bf16", channels_last=True))
+    assert TrainConfig.from_dict(asdict(cfg)) == cfg
+    old = {**{k: v for k, v in asdict(cfg).items() if k != "fast"}, "amp": "bf16", "channels_last": True,
+           "compile": False, "retired_setting": 1}  # what older checkpoints stored
+    assert TrainConfig.from_dict(old) == cfg
 
 
 def test_cyclic_schedule_is_fast_ats_triangle():
@@ -158,7 +172,7 @@ def test_cyclic_schedule_is_fast_ats_triangle():
     assert lrs[0] == pytest.approx(0.2 / 600) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
     assert all(a < b for a, b in zip(lrs[:599], lrs[1:600])) and all(a > b for a, b in zip(lrs[599:-1], lrs[600:]))
     with pytest.raises(AdvbenchError, match="expected cosine, step, cyclic or constant"):
-        TrainConfig(schedule="triangle").validate()
+        TrainConfig(schedule="triangle")
 
 
 # -- catastrophic-overfitting rollback ---------------------------------------------------------------
@@ -181,7 +195,7 @@ def test_collapse_rolls_back_to_the_previous_epoch_and_stops(tmp_path, mnist5k):
         if epoch == 1:
             kept["state"] = read_checkpoint(out)["state_dict"]
 
-    res = train(tiny_cfg(out, epochs=3), CollapsesAt(2, THREAT, steps=1), dataset=mnist5k, quiet=True,
+    res = train(tiny_cfg(out, epochs=3), CollapsesAt(2, THREAT, steps=1), dataset=mnist5k, narrator=SILENT,
                 on_epoch_end=remember)
     assert res.stopped.startswith("collapse at epoch 2") and "rolled back to the weights of epoch 1" in res.stopped
     assert res.epochs_run == 2 and [r.get("rolled_back") for r in res.metrics] == [None, 1]
@@ -193,14 +207,14 @@ def test_collapse_rolls_back_to_the_previous_epoch_and_stops(tmp_path, mnist5k):
     assert [r["rolled_back"] for r in rows] == ["", "1"]
     # a resumed run stays stopped
     again = train(tiny_cfg(out, epochs=3, resume=True), CollapsesAt(99, THREAT, steps=1), dataset=mnist5k,
-                  quiet=True)
+                  narrator=SILENT)
     assert again.epochs_run == 0 and again.stopped == res.stopped
 
 
 def test_collapse_in_the_first_epoch_keeps_the_initial_weights(tmp_path, mnist5k):
     out = tmp_path / "c1.pt"
     torch.manual_seed(3)
-    res = train(tiny_cfg(out), CollapsesAt(1, THREAT, steps=1), dataset=mnist5k, quiet=True)
+    res = train(tiny_cfg(out), CollapsesAt(1, THREAT, steps=1), dataset=mnist5k, narrator=SILENT)
     ck = read_checkpoint(out)
     assert ck["epoch"] == 0 and res.stopped and ck["extra"]["train_state"]["stopped"]
 
@@ -277,10 +291,10 @@ def test_train_robust_cli_errors_are_one_line(tmp_path, extra, match):
 def test_resume_with_another_method_is_refused(tmp_path, mnist5k):
     out = tmp_path / "r.pt"
     train(tiny_cfg(out, epochs=1, val_size=0, n_train=50), methods.create("fgsm-rs", threat=THREAT),
-          dataset=mnist5k, quiet=True)
+          dataset=mnist5k, narrator=SILENT)
     with pytest.raises(AdvbenchError, match="was trained with method 'fgsm-rs', not 'pgd-at'"):
         train(tiny_cfg(out, epochs=2, val_size=0, n_train=50, resume=True),
-              methods.create("pgd-at", threat=THREAT), dataset=mnist5k, quiet=True)
+              methods.create("pgd-at", threat=THREAT), dataset=mnist5k, narrator=SILENT)
 
 
 # -- the claims of the defense table (minutes: run with -m slow) ------------------------------------
