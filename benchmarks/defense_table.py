@@ -29,13 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from defenses.methods import MethodConfig  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.evaluator import evaluate  # noqa: E402
 from robustbench_lite.fileio import atomic_write_text, ensure_dir  # noqa: E402
-from robustbench_lite.threat import ThreatModel  # noqa: E402
-from robustbench_lite.runs import RobustTrainOptions, run_robust_training  # noqa: E402
+from robustbench_lite.runs import RobustTraining, run_robust_training  # noqa: E402
 from robustbench_lite.runtime import SILENT  # noqa: E402
-from robustbench_lite.training import train  # noqa: E402
+from robustbench_lite.threat import ThreatModel  # noqa: E402
+from robustbench_lite.training import TrainConfig, train  # noqa: E402
 from train_speed import time_epochs as time_epochs_base  # noqa: E402
 
 ACTIVATIONS = ("relu", "silu", "gelu", "softplus", "smoothrelu")
@@ -53,14 +54,12 @@ def pgd_eval(model, ds, threat, seed=0):
             "worst": t.worst_case_acc}
 
 
-def robust_opts(args, activation: str, method: str = "pgd-at", work: Path = None, **over) -> RobustTrainOptions:
-    base = dict(model="smallcnn", dataset="mnist-5k", method=method, eps=str(args.eps), steps=args.steps,
-                eps_warmup=args.eps_warmup, activation=activation, epochs=args.epochs,
-                batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, weight_decay=0.0, seed=args.seed,
-                val_size=500, val_steps=10, device="cpu", evaluate=False,
-                out=str(work / f"smallcnn-{method}-{activation}.pt"))
-    base.update(over)
-    return RobustTrainOptions(**base)
+def robust_opts(args, activation: str, method: str = "pgd-at", work: Path = None, steps=...) -> RobustTraining:
+    loop = TrainConfig(model="smallcnn", dataset="mnist-5k", activation=activation, epochs=args.epochs,
+                       batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, weight_decay=0.0,
+                       seed=args.seed, val_size=500, device="cpu", out=str(work / f"smallcnn-{method}-{activation}.pt"))
+    defense = MethodConfig(method, steps=args.steps if steps is ... else steps, eps_warmup=args.eps_warmup)
+    return RobustTraining(loop, defense, eps=str(args.eps), val_steps=10, evaluate=False)
 
 
 def time_epochs(args, ds, threat, work: Path):
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
             report["methods"][meth] = reused("methods", meth)
             continue
         log(f"{meth}: {args.epochs} epochs")
-        over = {"steps": None} if meth in ("fgsm-rs", "mix") else {}
+        over = {"steps": None} if meth in ("fgsm-rs", "mix") else {}  # their own one step
         rep = run_robust_training(robust_opts(args, "relu", method=meth, work=work, **over), SILENT)
         res = rep.result
         row = pgd_eval(res.model, ds, threat)

@@ -39,9 +39,9 @@ from common import is_main, machine, variant_flags, variants, write_json  # noqa
 
 from defenses.methods import MethodConfig  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
+from robustbench_lite.runs import RobustTraining, run_robust_training  # noqa: E402
 from robustbench_lite.runtime import SILENT, FastPaths  # noqa: E402
 from robustbench_lite.threat import ThreatModel, parse_eps  # noqa: E402
-from robustbench_lite.runs import RobustTrainOptions, run_robust_training  # noqa: E402
 from robustbench_lite.training import TrainConfig, train  # noqa: E402
 
 METHOD_SPECS = {"standard": ("standard", {}), "fgsm-rs": ("fgsm-rs", {}), "pgd-at": ("pgd-at", {"steps": 7}),
@@ -109,15 +109,16 @@ def print_epoch_table(rows, n: int, batch_size: int, world: int) -> None:
 def fast_at(args, ds, work: Path):
     """The fast-AT recipe end to end: wall time, clean and PGD accuracy on the test split."""
     flags = variant_flags(args.fast_at_variant)
-    opts = RobustTrainOptions(
-        model=args.model, dataset=args.dataset, method="fgsm-rs", eps="8/255" if ds.in_channels == 3 else "0.3",
-        alpha="10/255" if ds.in_channels == 3 else "0.375", eps_warmup=0, epochs=args.fast_at, batch_size=128,
-        lr=0.2, optimizer="sgd", schedule="cyclic", weight_decay=5e-4, augment=ds.in_channels == 3,
-        seed=args.seed, n_train=args.fast_at_n, val_size=1000, val_steps=10, device=args.device,
-        out=str(work / "fast-at.pt"), results_dir=str(work / "results"), evaluate=True,
-        eval_steps=args.eval_steps, n_eval=args.n_eval, eval_batch_size=500, **flags)
+    colour = ds.in_channels == 3
+    loop = TrainConfig(model=args.model, dataset=args.dataset, epochs=args.fast_at, batch_size=128, lr=0.2,
+                       optimizer="sgd", schedule="cyclic", weight_decay=5e-4, augment=colour, seed=args.seed,
+                       n_train=args.fast_at_n, val_size=1000, device=args.device, out=str(work / "fast-at.pt"),
+                       fast=FastPaths(**flags))
+    defense = MethodConfig("fgsm-rs", alpha=parse_eps("10/255" if colour else "0.375"), eps_warmup=0)
+    run = RobustTraining(loop, defense, eps="8/255" if colour else "0.3", val_steps=10, evaluate=True,
+                         eval_steps=args.eval_steps, n_eval=args.n_eval, results_dir=str(work / "results"))
     t0 = time.perf_counter()
-    rep = run_robust_training(opts, SILENT)
+    rep = run_robust_training(run, SILENT)
     wall = time.perf_counter() - t0
     train_s = sum(float(r["seconds"]) for r in rep.result.metrics)
     row = dict(model=args.model, dataset=ds.name, variant=args.fast_at_variant, epochs=args.fast_at,

@@ -183,11 +183,9 @@ _SPEED = dict(
     channels_last=typer.Option(False, "--channels-last", help="NHWC memory format (faster convs on GPU)."),
     compile=typer.Option(False, "--compile", help="torch.compile the model for the training steps."),
 )
-def _train_options_doc() -> str:
-    return "Standard (non-adversarial) training with a progress bar, per-epoch test accuracy and checkpoints."
 
 
-@app.command("train", help=_train_options_doc())
+@app.command("train")
 def train_cmd(
     model: str = typer.Option("smallcnn", "--model", "-m", help="Model name (see `advbench list`)."),
     dataset: str = typer.Option("mnist-5k", "--dataset", "-d", help="Dataset name or npz:PATH."),
@@ -213,27 +211,29 @@ def train_cmd(
     channels_last: bool = _SPEED["channels_last"],
     compile: bool = _SPEED["compile"],
 ):
+    """Standard (non-adversarial) training with a progress bar, per-epoch test accuracy and checkpoints."""
+    from dataclasses import replace
+
     from .data import load_dataset
-    from .models import MODELS, activation_factory, model_for_dataset
+    from .models import model_for_dataset
     from .runtime import FastPaths
     from .training import TrainConfig, train
     from .zoo import zoo_path
 
-    MODELS.canonical(model)
-    activation_factory(activation)
-    ds = load_dataset(dataset, data_dir=data_dir, download=download)
-    model_for_dataset(model, ds, activation)  # a model that cannot take these images: refused before any file
-    path = Path(out) if out else zoo_path(model, ds, "standard", activation)
     cfg = TrainConfig(model=model, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr,
                       optimizer=optimizer, schedule=schedule, weight_decay=weight_decay, augment=augment,
-                      seed=seed, activation=activation, out=str(path), resume=resume, device=device,
+                      seed=seed, activation=activation, out=str(Path(out)) if out else "", resume=resume, device=device,
                       n_train=n_train, fast=FastPaths(amp, channels_last, compile))
+    ds = load_dataset(dataset, data_dir=data_dir, download=download)
+    model_for_dataset(model, ds, activation)  # a model that cannot take these images: refused before any file
+    if not out:
+        cfg = replace(cfg, out=str(zoo_path(model, ds, "standard", activation)))
     console.print(f"training {model} on {ds.name} ({len(ds.y_train)} train / {len(ds.y_test)} test, "
-                  f"{'x'.join(map(str, ds.input_shape))}) for {epochs} epochs -> {path}")
+                  f"{'x'.join(map(str, ds.input_shape))}) for {epochs} epochs -> {cfg.out}")
     res = train(cfg, dataset=ds, narrator=narrator(console))
     last = res.metrics[-1] if res.metrics else {}
     if last:
-        console.print(f"done: test accuracy {last['test_acc']:.2%}; checkpoint {path}")
+        console.print(f"done: test accuracy {last['test_acc']:.2%}; checkpoint {cfg.out}")
 
 
 # --- train-robust -----------------------------------------------------------------------------
@@ -295,25 +295,29 @@ def train_robust_cmd(
 ):
     """Adversarial training (PGD-AT, fast FGSM-RS, TRADES, Goodfellow mix) with smooth activations, SWA/EMA,
     robust early stopping on a held-out split, exact resume, and a final PGD evaluation in the leaderboard."""
-    from .runs import RobustTrainOptions, run_robust_training
-    from .threat import format_eps
+    from defenses.methods import MethodConfig
+    from .runs import RobustTraining, run_robust_training
+    from .runtime import FastPaths
+    from .threat import format_eps, parse_eps
+    from .training import TrainConfig
 
-    opts = RobustTrainOptions(
-        model=model, dataset=dataset, data_dir=data_dir, download=download, method=method, eps=eps, norm=norm,
-        steps=steps, alpha=alpha, beta=beta, mix_weight=mix_weight, bn_mode=bn_mode, eps_warmup=eps_warmup,
-        activation=activation, smooth_backward=smooth_backward, swa_start=swa_start, swa_lr=swa_lr, ema=ema,
-        val_size=val_size, val_steps=val_steps, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        schedule=schedule, weight_decay=weight_decay, augment=augment, seed=seed, n_train=n_train, out=out,
-        results_dir=results_dir, resume=resume, device=device, evaluate=evaluate, eval_steps=eval_steps,
-        n_eval=n_eval, amp=amp, channels_last=channels_last, compile=compile)
-    report = run_robust_training(opts, narrator(console))
+    loop = TrainConfig(model=model, dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                       schedule=schedule, weight_decay=weight_decay, augment=augment, seed=seed, activation=activation,
+                       smooth_backward=smooth_backward, out=str(Path(out)) if out else "", resume=resume,
+                       device=device, n_train=n_train, val_size=val_size, swa_start=swa_start, swa_lr=swa_lr, ema=ema,
+                       fast=FastPaths(amp, channels_last, compile))
+    defense = MethodConfig(method, steps=steps, alpha=parse_eps(alpha, setting="alpha") if alpha is not None else None,
+                           beta=beta, mix_weight=mix_weight, bn_mode=bn_mode, eps_warmup=eps_warmup, seed=seed)
+    rt = RobustTraining(loop, defense, eps=eps, norm=norm, data_dir=data_dir, download=download, val_steps=val_steps,
+                        evaluate=evaluate, eval_steps=eval_steps, n_eval=n_eval, results_dir=results_dir)
+    report = run_robust_training(rt, narrator(console))
     if report.evaluation_skipped:
         console.print(f"evaluate it again with `advbench attack --checkpoint {report.out} --eps "
                       f"{format_eps(report.threat.eps)}`", markup=False, highlight=False)
 
 
 # --- attack / leaderboard / run (the evaluator) --------------------------------------------------
-def narrator(out: Console) -> "Narrator":
+def narrator(out: Console):
     """The library's Narrator for the running command: lines on ``out``, progress and notices on
     stderr, settings shown as this command's flags."""
     from .runtime import Narrator

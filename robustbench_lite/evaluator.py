@@ -37,7 +37,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
@@ -46,7 +46,7 @@ from attacks.engine import attack_mode, check_images
 from .errors import AdvbenchError
 from .fileio import atomic_write
 from .runtime import check_positive, resolve_device
-from .specs import DEFAULT_ATTACKS, WORST_CASE, build_attacks, parse_attack_specs, resolve_threats
+from .specs import DEFAULT_ATTACKS, build_attacks, parse_attack_specs, resolve_threats
 from .threat import ThreatModel, format_eps
 
 ProgressFn = Callable[[ThreatModel, str, int, int], None]  # (threat, attack label, done, total)

@@ -21,11 +21,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from defenses.methods import METHODS, MethodConfig
+from defenses.methods import MethodConfig
 
 from . import distributed, leaderboard, masking
 from .checkpoint import file_sha256, read_checkpoint
@@ -33,7 +33,7 @@ from .data import DATASETS, DEFAULT_DATASET, check_n_examples, load_dataset
 from .errors import AdvbenchError, SettingError
 from .evaluator import EvalResult, evaluate
 from .fileio import ensure_dir
-from .models import MODELS, activation_factory
+from .models import MODELS
 from .runfolder import RunFolder, RunInterrupted
 from .runtime import (SILENT, AttackBars, FastPaths, Narrator, check_positive, check_seed, env_rank,
                       resolve_device)
@@ -292,51 +292,59 @@ def _record(spec: RunSpec, folder: RunFolder, resumed: bool, config, info, resul
 
 
 # --- `advbench train-robust`: method + validation + training + final evaluation -----------------
-@dataclass
-class RobustTrainOptions:
-    """Everything `advbench train-robust` takes (the CLI is a thin wrapper around this)."""
+# --- a robust-training run ------------------------------------------------------------------------
+# `advbench train-robust`'s training defaults (the loop's own defaults are `advbench train`'s)
+ROBUST_TRAINING = TrainConfig(epochs=10, batch_size=32, lr=0.001, optimizer="adam", weight_decay=0.0, val_size=500,
+                              device="auto")
 
-    model: str = "smallcnn"
-    dataset: str = "mnist-5k"
+
+@dataclass(frozen=True)
+class RobustTraining:
+    """`advbench train-robust`: a training with a defense, then the PGD evaluation of its last and
+    best checkpoints, recorded in the leaderboard. Checked when built.
+
+    ``train``: the loop's settings (``out`` "": the zoo entry MODEL-DATASET-FINGERPRINT-METHOD...);
+    ``method``: the defense (its seed is the training's); ``eps`` None: 0.3 for grey-scale images,
+    8/255 for colour ones (default_eps); ``val_steps``: PGD steps of the per-epoch validation on the
+    ``train.val_size`` held-out images; ``eval_steps`` / ``n_eval`` / ``eval_batch_size``: the final
+    evaluation (``evaluate`` False: none)."""
+
+    train: TrainConfig = ROBUST_TRAINING
+    method: MethodConfig = MethodConfig()
+    eps: Union[str, float, None] = None
+    norm: str = "linf"
     data_dir: Optional[str] = None
     download: bool = False
-    method: str = "pgd-at"
-    eps: Optional[str] = None            # default: default_eps(dataset)
-    norm: str = "linf"
-    steps: Optional[int] = None
-    alpha: Optional[str] = None
-    beta: Optional[float] = None
-    mix_weight: Optional[float] = None
-    bn_mode: str = "eval"
-    eps_warmup: Optional[int] = None     # None: auto_eps_warmup(epochs)
-    activation: str = "relu"
-    smooth_backward: Optional[str] = None
-    swa_start: Optional[int] = None
-    swa_lr: Optional[float] = None
-    ema: Optional[float] = None
-    val_size: int = 500
     val_steps: int = 10
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 0.001
-    optimizer: str = "adam"
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    augment: bool = False
-    seed: int = 0
-    n_train: Optional[int] = None
-    out: Optional[str] = None
-    results_dir: str = "results"
-    resume: bool = False
-    device: str = "auto"
     evaluate: bool = True
     eval_steps: int = 20
     n_eval: Optional[int] = 1000
     eval_batch_size: int = 500
-    amp: Optional[str] = None            # the CUDA fast paths, as TrainConfig's; the final evaluation takes
-                                         # channels_last and compile but stays float32
-    channels_last: bool = False
-    compile: bool = False
+    results_dir: str = "results"
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", replace(self.method, seed=self.train.seed))
+        object.__setattr__(self, "norm", check_norm(self.norm))
+        for name in ("val_steps", "eval_steps", "n_eval", "eval_batch_size"):
+            check_positive(name, getattr(self, name))
+        if self.eps is not None:
+            parse_eps(self.eps, self.norm)
+
+    def threat(self, ds) -> ThreatModel:
+        """The training's threat model on the images of ``ds``."""
+        threat = ThreatModel.parse(self.norm, self.eps if self.eps is not None else default_eps(ds))
+        threat.check_input_shape(ds.input_shape)
+        return threat
+
+    def out(self, ds) -> Path:
+        """The checkpoint: ``train.out``, else the zoo entry
+        MODEL-DATASET-FINGERPRINT-METHOD[-swa|-ema][-ACT].pt (zoo.zoo_path)."""
+        cfg = self.train
+        if cfg.out:
+            return Path(cfg.out)
+        tag = self.method.method + ("-swa" if cfg.swa_start is not None else "") + ("-ema" if cfg.ema is not None else "")
+        act = cfg.activation if not cfg.smooth_backward else f"relu-sb-{cfg.smooth_backward}"
+        return zoo_path(cfg.model, ds, tag, act)
 
 
 @dataclass
@@ -355,24 +363,104 @@ def default_eps(ds) -> float:
     return 0.3 if ds.in_channels == 1 else 8 / 255
 
 
-def robust_out_path(opts: RobustTrainOptions, method_name: str) -> Path:
-    """Default checkpoint: the zoo entry MODEL-DATASET-FINGERPRINT-METHOD[-swa|-ema][-ACT].pt (zoo.zoo_path)."""
-    tag = method_name + ("-swa" if opts.swa_start is not None else "") + ("-ema" if opts.ema is not None else "")
-    act = opts.activation if not opts.smooth_backward else f"relu-sb-{opts.smooth_backward}"
-    ds = load_dataset(opts.dataset, data_dir=opts.data_dir, download=opts.download)  # cached: the one trained on
-    return zoo_path(opts.model, ds, tag, act)
+def run_robust_training(rt: RobustTraining, narrator: Narrator = Narrator()) -> RobustTrainReport:
+    """Train with the defense (training.train; resumable), say how it went, then evaluate the last and
+    the best checkpoints with PGD as evaluation runs (unless ``rt.evaluate`` is False)."""
+    ds = load_dataset(rt.train.dataset, data_dir=rt.data_dir, download=rt.download)
+    threat = rt.threat(ds)
+    method = rt.method.build(threat, rt.train.epochs)
+    cfg = replace(rt.train, out=str(rt.out(ds)))
+    if rt.evaluate:  # the final evaluation records in the results dir (the zoo is elsewhere): check it first
+        ensure_dir(rt.results_dir)
+    robust_val = RobustValidation(threat, steps=rt.val_steps, seed=cfg.seed) if cfg.val_size else None
+    narrator = narrator.quieter(env_rank() != 0)  # under torchrun only rank 0 talks
+    _announce(rt, cfg, method, ds.name, threat, narrator)
+    res = train(cfg, method, dataset=ds, narrator=narrator, robust_val=robust_val)
+    report = _training_report(rt, res, threat, Path(cfg.out), narrator)
+    if rt.evaluate:
+        _evaluate_checkpoints(rt, report, narrator)
+    return report
 
 
-def evaluate_and_record(checkpoint, threat, *, steps: int = 20, n_examples: Optional[int] = 1000,
-                        dataset: Optional[str] = None, data_dir: Optional[str] = None, download: bool = False,
-                        batch_size: int = 500, device: str = "auto", seed: int = 0, results_dir: str = "results",
-                        flags=(), narrator: Narrator = SILENT, fast: FastPaths = FastPaths()):
-    """PGD-``steps`` evaluation of a checkpoint on the test split, recorded in the leaderboard with
-    the checkpoint's defense and activation (one evaluation run)."""
-    spec = RunSpec(checkpoint=str(checkpoint), dataset=dataset, threats=[threat],
-                   attacks=[AttackSpec("pgd", {"steps": int(steps)}, "pgd")], n_examples=n_examples,
-                   batch_size=batch_size, device=device, seed=seed, results_dir=results_dir, data_dir=data_dir,
-                   download=download, source="advbench train-robust", flags=tuple(flags), fast=fast)
+def _announce(rt: RobustTraining, cfg: TrainConfig, method, dataset: str, threat: ThreatModel,
+              narrator: Narrator) -> None:
+    """The first lines: what is trained how, its inner attack and its validation."""
+    act = cfg.activation + (f" (smooth backward: {cfg.smooth_backward})" if cfg.smooth_backward else "")
+    inner = ""
+    if hasattr(method, "attack_for"):  # a method with an inner attack
+        a = method.attack_for(cfg.epochs)
+        inner = (f", inner {a.name} {a.steps} step{'s' if a.steps > 1 else ''} of {a.alpha:.4g}"
+                 f"{' from a random start' if a.random_start else ''}, BatchNorm {method.bn_mode}"
+                 + (f", eps ramped over {method.eps_warmup} epochs" if method.eps_warmup else ""))
+    validation = f"PGD-{rt.val_steps} on {cfg.val_size} held-out training images" if cfg.val_size else "none"
+    narrator.say(f"{rt.method.method} training of {cfg.model} ({act}) on {dataset}, {threat}{inner}; {cfg.epochs} "
+                 f"epochs; validation: {validation} -> {cfg.out}")
+    if not cfg.val_size:
+        narrator.say(f"{narrator.setting('val_size')} 0: no held-out validation, so no best-epoch checkpoint "
+                     f"(robust early stopping is off)")
+
+
+def _training_report(rt: RobustTraining, res: TrainResult, threat: ThreatModel, out: Path,
+                     narrator: Narrator) -> RobustTrainReport:
+    """The report of the training: its last epoch, its best epoch (by validation PGD accuracy) and
+    why it stopped early, if it did."""
+    best_epoch = None
+    if res.best_out is not None:
+        best_epoch = (read_checkpoint(res.best_out).get("extra") or {}).get("best_epoch")
+    kept = [r for r in res.metrics if not r.get("rolled_back")]
+    if kept:
+        last = kept[-1]
+        msg = f"last epoch {last['epoch']}: test acc {last['test_acc']:.2%}"
+        if "val_pgd_acc" in last:
+            msg += f", validation PGD-{rt.val_steps} acc {last['val_pgd_acc']:.2%}"
+        narrator.say(msg + f" -> {out}")
+        best = next((r for r in kept if r["epoch"] == best_epoch), None)
+        if best is not None:
+            narrator.say(f"best epoch {best_epoch} by validation PGD accuracy ({best['val_pgd_acc']:.2%}) -> "
+                         f"{res.best_out}")
+    if res.stopped:
+        narrator.say(f"stopped early: {res.stopped}")
+    return RobustTrainReport(res, threat, out, res.best_out, best_epoch)
+
+
+def _evaluate_checkpoints(rt: RobustTraining, report: RobustTrainReport, narrator: Narrator) -> None:
+    """The final evaluation: the last checkpoint and the best one (once when they ship the same
+    weights), each an evaluation run recorded in the leaderboard; none when nothing was trained in
+    this invocation and the leaderboard already holds it, or when no epoch was kept."""
+    res, out = report.result, report.out
+    if res.epochs_run == 0 and _final_eval_recorded(out, rt.results_dir):
+        narrator.say("nothing was trained in this invocation: not evaluating again (its evaluation is in the "
+                     "leaderboard)")
+        report.evaluation_skipped = True
+        return
+    if int(read_checkpoint(out).get("epoch", 0)) < 1:
+        narrator.say("no epoch was kept (collapse in the first epoch): nothing to evaluate")
+        return
+    targets = [("final", out)] + ([("best", res.best_out)] if res.best_out is not None else [])
+    if res.best_out is not None and _same_weights(out, res.best_out):
+        narrator.say("best epoch is the last one: evaluated once")
+        targets = [("final+best", out)]
+    for label, path in targets:
+        record = evaluate_and_record(rt, path, report.threat, label, narrator)
+        for key in label.split("+"):
+            report.evaluations[key] = record
+        r = record.result
+        narrator.say(f"{label} model ({path}): clean {r.clean_acc:.2%}, PGD-{rt.eval_steps} "
+                     f"{r.threats[0].robust_acc('pgd'):.2%} on {r.n_total} test images "
+                     f"(leaderboard run {record.run_id})")
+
+
+def evaluate_and_record(rt: RobustTraining, checkpoint: Path, threat: ThreatModel, label: str,
+                        narrator: Narrator = SILENT) -> RunRecord:
+    """The PGD-``eval_steps`` evaluation of a checkpoint of the training on the test split, recorded in
+    the leaderboard with the checkpoint's defense and activation (one evaluation run, flagged
+    ``train-robust:LABEL``). It takes the training's channels_last and compile, and stays float32."""
+    cfg = rt.train
+    spec = RunSpec(checkpoint=str(checkpoint), dataset=cfg.dataset, threats=(threat,),
+                   attacks=(AttackSpec("pgd", {"steps": int(rt.eval_steps)}, "pgd"),), n_examples=rt.n_eval,
+                   batch_size=rt.eval_batch_size, device=cfg.device, seed=cfg.seed, results_dir=rt.results_dir,
+                   data_dir=rt.data_dir, download=rt.download, source="advbench train-robust",
+                   flags=(f"train-robust:{label}",), fast=replace(cfg.fast, amp=None))
     return execute_run(spec, narrator)
 
 
@@ -395,95 +483,3 @@ def _same_weights(a: Path, b: Path) -> bool:
     return sa.keys() == sb.keys() and all(
         torch.is_tensor(sa[k]) and torch.is_tensor(sb[k]) and sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype
         and torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def run_robust_training(opts: RobustTrainOptions, narrator: Narrator = Narrator()) -> RobustTrainReport:
-    # cheap checks first: names, numbers
-    MODELS.canonical(opts.model)
-    method_name = METHODS.canonical(opts.method)
-    activation_factory(opts.activation, opts.smooth_backward)
-    norm = check_norm(opts.norm)
-    check_positive("val_steps", opts.val_steps)
-    check_positive("eval_steps", opts.eval_steps)
-    check_positive("n_eval", opts.n_eval)
-    alpha = parse_eps(opts.alpha) if opts.alpha is not None else None
-    if opts.eps is not None:
-        parse_eps(opts.eps, norm)
-    ds = load_dataset(opts.dataset, data_dir=opts.data_dir, download=opts.download)
-    threat = ThreatModel.parse(norm, opts.eps if opts.eps is not None else default_eps(ds))
-    threat.check_input_shape(ds.input_shape)
-    method = MethodConfig(method_name, steps=opts.steps, alpha=alpha, beta=opts.beta, mix_weight=opts.mix_weight,
-                          bn_mode=opts.bn_mode, eps_warmup=opts.eps_warmup, seed=opts.seed).build(threat, opts.epochs)
-    out = Path(opts.out) if opts.out else robust_out_path(opts, method_name)
-    if opts.evaluate:  # the final evaluation records in the results dir (the zoo is elsewhere): check it first
-        ensure_dir(opts.results_dir)
-    cfg = TrainConfig(model=opts.model, dataset=opts.dataset, epochs=opts.epochs, batch_size=opts.batch_size,
-                      lr=opts.lr, optimizer=opts.optimizer, schedule=opts.schedule, weight_decay=opts.weight_decay,
-                      augment=opts.augment, seed=opts.seed, activation=opts.activation,
-                      smooth_backward=opts.smooth_backward, out=str(out), resume=opts.resume, device=opts.device,
-                      n_train=opts.n_train, val_size=opts.val_size, swa_start=opts.swa_start, swa_lr=opts.swa_lr,
-                      ema=opts.ema, fast=FastPaths(opts.amp, opts.channels_last, opts.compile))
-    robust_val = RobustValidation(threat, steps=opts.val_steps, seed=opts.seed) if opts.val_size else None
-    narrator = narrator.quieter(env_rank() != 0)  # under torchrun only rank 0 talks
-    say = narrator.say
-    act = opts.activation + (f" (smooth backward: {opts.smooth_backward})" if opts.smooth_backward else "")
-    inner = getattr(method, "attack_for", None)
-    inner_desc = ""
-    if inner is not None:
-        a = inner(cfg.epochs)
-        inner_desc = (f", inner {a.name} {a.steps} step{'s' if a.steps > 1 else ''} of {a.alpha:.4g}"
-                      f"{' from a random start' if a.random_start else ''}, BatchNorm {method.bn_mode}"
-                      + (f", eps ramped over {method.eps_warmup} epochs" if method.eps_warmup else ""))
-    say(f"{method_name} training of {opts.model} ({act}) on {ds.name}, {threat}{inner_desc}; "
-        f"{cfg.epochs} epochs; validation: "
-        + (f"PGD-{opts.val_steps} on {opts.val_size} held-out training images" if robust_val else "none")
-        + f" -> {out}")
-    if robust_val is None:
-        say(f"{narrator.setting('val_size')} 0: no held-out validation, so no best-epoch checkpoint (robust early stopping is off)")
-    res = train(cfg, method, dataset=ds, narrator=narrator, robust_val=robust_val)
-
-    best_epoch = None
-    if res.best_out is not None:
-        best_epoch = (read_checkpoint(res.best_out).get("extra") or {}).get("best_epoch")
-    report = RobustTrainReport(res, threat, out, res.best_out, best_epoch)
-    kept = [r for r in res.metrics if not r.get("rolled_back")]
-    if kept:
-        last = kept[-1]
-        msg = f"last epoch {last['epoch']}: test acc {last['test_acc']:.2%}"
-        if "val_pgd_acc" in last:
-            msg += f", validation PGD-{opts.val_steps} acc {last['val_pgd_acc']:.2%}"
-        say(msg + f" -> {out}")
-        if best_epoch is not None:
-            brow = next((r for r in kept if r["epoch"] == best_epoch), None)
-            if brow is not None:
-                say(f"best epoch {best_epoch} by validation PGD accuracy ({brow['val_pgd_acc']:.2%}) -> "
-                    f"{res.best_out}")
-    if res.stopped:
-        say(f"stopped early: {res.stopped}")
-    if not opts.evaluate:
-        return report
-    if res.epochs_run == 0 and _final_eval_recorded(out, opts.results_dir):
-        say("nothing was trained in this invocation: not evaluating again (its evaluation is in the leaderboard)")
-        report.evaluation_skipped = True
-        return report
-    if int(read_checkpoint(out).get("epoch", 0)) < 1:
-        say("no epoch was kept (collapse in the first epoch): nothing to evaluate")
-        return report
-    targets = [("final", out)] + ([("best", res.best_out)] if res.best_out is not None else [])
-    if res.best_out is not None and _same_weights(out, res.best_out):
-        say("best epoch is the last one: evaluated once")
-        targets = [("final+best", out)]
-    for label, path in targets:
-        record = evaluate_and_record(path, threat, steps=opts.eval_steps, n_examples=opts.n_eval,
-                                     dataset=opts.dataset, data_dir=opts.data_dir, download=opts.download,
-                                     batch_size=opts.eval_batch_size, device=opts.device, seed=opts.seed,
-                                     results_dir=opts.results_dir, flags=[f"train-robust:{label}"],
-                                     narrator=narrator,
-                                     fast=FastPaths(channels_last=opts.channels_last, compile=opts.compile))
-        for key in label.split("+"):
-            report.evaluations[key] = record
-        r = record.result
-        say(f"{label} model ({path}): clean {r.clean_acc:.2%}, PGD-{opts.eval_steps} "
-            f"{r.threats[0].robust_acc('pgd'):.2%} on {r.n_total} test images "
-            f"(leaderboard run {record.run_id})")
-    return report

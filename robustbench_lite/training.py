@@ -56,10 +56,10 @@ from defenses.methods import METHODS, StepOutput, TrainingMethod
 
 from . import distributed, evaluator
 from .checkpoint import build_checkpoint, load_state, read_checkpoint, save_checkpoint
-from .data import check_n_examples, load_dataset
+from .data import DATASETS, check_n_examples, load_dataset
 from .errors import SettingError
 from .fileio import LockBusy, atomic_write_text, check_not_directory, csv_text, ensure_dir, locked
-from .models import model_for_dataset
+from .models import MODELS, activation_factory, model_for_dataset
 from .rng import epoch_seed
 from .runtime import FastPaths, Narrator, check_positive, env_rank, resolve_device, seed_everything
 
@@ -74,7 +74,9 @@ def _positive_number(value) -> bool:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training's settings, checked when built (a SettingError names the parameter)."""
+    """One training's settings, checked when built (names of the model, dataset and activation;
+    numbers: a SettingError names the parameter). ``out``: the checkpoint ("" until a caller has
+    chosen one, e.g. the zoo entry)."""
 
     model: str = "smallcnn"
     dataset: str = "mnist-5k"
@@ -101,6 +103,9 @@ class TrainConfig:
     fast: FastPaths = FastPaths()       # bf16 autocast (inner attack included), channels_last, torch.compile
 
     def __post_init__(self):
+        MODELS.canonical(self.model)
+        DATASETS.canonical(self.dataset)
+        activation_factory(self.activation, self.smooth_backward)
         check_positive("epochs", self.epochs)
         check_positive("batch_size", self.batch_size)
         if self.val_size is None or self.val_size < 0:

@@ -4,6 +4,7 @@ overfitting rollback, and `advbench train-robust`. Tiny budgets: lenet, a few hu
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 
 import pytest
 import torch
@@ -302,15 +303,15 @@ def test_resume_with_another_method_is_refused(tmp_path, mnist5k):
 def test_pgd_at_makes_smallcnn_robust_and_standard_training_does_not(tmp_path, mnist5k, trained_smallcnn):
     """The benchmark budget (benchmarks/defense_table.py): about 4 minutes on 2 idle cores."""
     from robustbench_lite.evaluator import evaluate
-    from robustbench_lite.runs import RobustTrainOptions, run_robust_training
+    from robustbench_lite.runs import ROBUST_TRAINING, RobustTraining, run_robust_training
     from robustbench_lite.runtime import SILENT
 
     atk = [{"name": "pgd", "steps": 20}]
     std, x, y = trained_smallcnn
     r = evaluate(std, x, y, atk, THREAT, batch_size=500)
     assert r.threats[0].robust_acc("pgd") < 0.05
-    rep = run_robust_training(RobustTrainOptions(model="smallcnn", method="pgd-at", eps="0.3", epochs=10,
-                                                 batch_size=32, device="cpu", evaluate=False,
-                                                 out=str(tmp_path / "at.pt")), SILENT)
+    loop = replace(ROBUST_TRAINING, model="smallcnn", epochs=10, batch_size=32, device="cpu",
+                   out=str(tmp_path / "at.pt"))
+    rep = run_robust_training(RobustTraining(loop, methods.MethodConfig("pgd-at"), eps="0.3", evaluate=False), SILENT)
     r = evaluate(rep.result.model, x, y, atk, THREAT, batch_size=500)
     assert r.clean_acc >= 0.90 and r.threats[0].robust_acc("pgd") >= 0.60
