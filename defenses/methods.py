@@ -25,8 +25,7 @@ Adversarial methods (all draw their inner attack from attacks/, never a second a
 
 Inner attacks run with the model in eval mode (BatchNorm running statistics, no dropout) unless
 ``bn_mode="train"``; parameters need no gradient during the attack. The random start of epoch e
-uses the attack seed ``rng.epoch_seed(seed, e)`` (the seed of the loop's epoch e too) and the
-sample's index in the training split, so it differs from epoch to epoch and is replayed exactly
+uses the attack seed ``rng.attack_seed(seed, e)`` and the sample's index in the training split, so it differs from epoch to epoch and is replayed exactly
 after --resume.
 
 ``eps_warmup=W`` ramps eps linearly over the first W epochs, step by step (eps * t / W after t
@@ -49,7 +48,7 @@ import attacks
 from attacks.engine import attack_mode, unwrap
 from robustbench_lite.errors import AdvbenchError, SettingError
 from robustbench_lite.registry import Registry
-from robustbench_lite.rng import epoch_seed
+from robustbench_lite.rng import attack_seed
 from robustbench_lite.threat import ThreatModel
 
 # Training methods by name; third-party ones register through the ``advbench.defenses`` entry points.
@@ -189,7 +188,7 @@ class AdversarialMethod(TrainingMethod):
             scale = eps / self.threat.eps if self.threat.eps > 0 else 1.0
             atk = attacks.create(self.attack_name(), threat=ThreatModel(self.threat.norm, eps), steps=self.steps,
                                  alpha=self.alpha * scale, random_start=self.random_start(), restarts=1,
-                                 loss=self.inner_loss, seed=epoch_seed(self.seed, epoch), early_stop=False,
+                                 loss=self.inner_loss, seed=attack_seed(self.seed, epoch), early_stop=False,
                                  keep="last", model_mode=self.bn_mode)
             self._cache = {(epoch, eps): atk}
         return atk

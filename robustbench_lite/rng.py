@@ -6,8 +6,9 @@ same noise. So noise is a pure function of (seed, stream, sample id, element ind
 with a 32-bit integer hash in int64 tensor arithmetic on the samples' device (no host sync, no
 generator state). Multipliers stay below 2**31 so every product fits in a signed int64.
 
-Training's randomness per epoch (the batch order, augmentation, dropout, the inner attack's random
-starts) is seeded from ``epoch_seed(seed, epoch)``, so a resumed training replays every epoch.
+Training's randomness per epoch is seeded here too, so a resumed training replays every epoch:
+the loop's (batch order, augmentation, dropout) from ``epoch_seed(seed, epoch)``, the inner
+attack's random starts from ``attack_seed(seed, epoch)``, a stream of its own.
 """
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ def randint(seed: int, stream: int, ids: torch.Tensor, high: int) -> torch.Tenso
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of training epoch ``epoch`` of a run seeded with ``seed``: a fixed mix of the two, the
-    same on every rank and after --resume."""
+    """The seed of training epoch ``epoch`` of a run seeded with ``seed`` (batch order, augmentation,
+    dropout): a fixed mix of the two, the same on every rank and after --resume."""
     return (int(seed) * 1_000_003 + int(epoch)) % (2 ** 63 - 1)
+
+
+def attack_seed(seed: int, epoch: int) -> int:
+    """The seed of the inner attack's random starts in training epoch ``epoch`` (< 2**31): a stream
+    apart from epoch_seed's, so that the starts do not follow the batch order's generator."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919 + 17) % (2 ** 31 - 1)

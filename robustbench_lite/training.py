@@ -3,8 +3,9 @@
 
 The loop owns: batching over tensors resident on the device, augmentation, optimiser and
 learning-rate schedule, per-epoch evaluation, metrics CSV, atomic checkpoints each epoch and exact
-resume. All randomness derives from (seed, epoch) through rng.epoch_seed, so a resumed run replays
-the same batches and ends with the same weights as an uninterrupted one (on CPU).
+resume. All randomness derives from (seed, epoch) through rng.epoch_seed (and the inner attack's
+through rng.attack_seed), so a resumed run replays the same batches and ends with the same weights
+as an uninterrupted one (on CPU).
 
 ``train(cfg, method, ...)`` takes one frozen TrainConfig (its checks run when it is built) and
 talks through a runtime.Narrator. A Trainer does the work in named steps: ``resume()`` (the last
