@@ -177,8 +177,19 @@ def list_cmd():
 # --- train ------------------------------------------------------------------------------------
 _BATCH_HELP = "Global batch size: under torchrun each process takes its share of every batch."
 _SCHEDULE_HELP = "cosine, step, cyclic (fast AT's triangle: 0 -> --lr at 2/5 -> 0) or constant."
-# the CUDA fast paths of the training commands, each a flag (also accepted on CPU)
-_SPEED = dict(
+# the options both training commands take alike (the CUDA fast paths each a flag, also accepted on CPU)
+_TRAIN = dict(
+    model=typer.Option("smallcnn", "--model", "-m", help="Model name (see `advbench list`)."),
+    dataset=typer.Option("mnist-5k", "--dataset", "-d", help="Dataset name or npz:PATH."),
+    data_dir=typer.Option(None, "--data-dir", help="Where torchvision datasets live."),
+    download=typer.Option(False, "--download", help="Download torchvision datasets if missing."),
+    schedule=typer.Option("cosine", "--schedule", help=_SCHEDULE_HELP),
+    augment=typer.Option(False, "--augment/--no-augment", help="Random crop (+ flip for colour)."),
+    activation=typer.Option("relu", "--activation", help="Activation (see `advbench list`)."),
+    seed=typer.Option(0, "--seed"),
+    n_train=typer.Option(None, "--n-train", help="Train on a seeded subset of this size."),
+    resume=typer.Option(False, "--resume", help="Continue from --out's last epoch."),
+    device=typer.Option("auto", "--device", help="auto, cpu or cuda."),
     amp=typer.Option(None, "--amp", help="bf16: forward passes (inner attack included) under torch.autocast."),
     channels_last=typer.Option(False, "--channels-last", help="NHWC memory format (faster convs on GPU)."),
     compile=typer.Option(False, "--compile", help="torch.compile the model for the training steps."),
@@ -187,29 +198,29 @@ _SPEED = dict(
 
 @app.command("train")
 def train_cmd(
-    model: str = typer.Option("smallcnn", "--model", "-m", help="Model name (see `advbench list`)."),
-    dataset: str = typer.Option("mnist-5k", "--dataset", "-d", help="Dataset name or npz:PATH."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where torchvision datasets live."),
-    download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing."),
+    model: str = _TRAIN["model"],
+    dataset: str = _TRAIN["dataset"],
+    data_dir: Optional[str] = _TRAIN["data_dir"],
+    download: bool = _TRAIN["download"],
     epochs: int = typer.Option(3, "--epochs"),
     batch_size: int = typer.Option(64, "--batch-size", help=_BATCH_HELP),
     lr: float = typer.Option(0.05, "--lr"),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd or adam."),
-    schedule: str = typer.Option("cosine", "--schedule", help=_SCHEDULE_HELP),
+    schedule: str = _TRAIN["schedule"],
     weight_decay: float = typer.Option(5e-4, "--weight-decay"),
-    augment: bool = typer.Option(False, "--augment/--no-augment", help="Random crop (+ flip for colour)."),
-    activation: str = typer.Option("relu", "--activation", help="Activation (see `advbench list`)."),
-    seed: int = typer.Option(0, "--seed"),
-    n_train: Optional[int] = typer.Option(None, "--n-train", help="Train on a seeded subset of this size."),
+    augment: bool = _TRAIN["augment"],
+    activation: str = _TRAIN["activation"],
+    seed: int = _TRAIN["seed"],
+    n_train: Optional[int] = _TRAIN["n_train"],
     out: Optional[str] = typer.Option(None, "--out", help="Checkpoint path (default: the zoo entry in "
                                                           "$ADVBENCH_HOME/models, ~/.cache/advbench/models)."),
     results_dir: str = typer.Option("results", "--results-dir", hidden=True,
                                     help="Unused: the zoo is $ADVBENCH_HOME/models, shared by all results dirs."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from --out's last epoch."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    amp: Optional[str] = _SPEED["amp"],
-    channels_last: bool = _SPEED["channels_last"],
-    compile: bool = _SPEED["compile"],
+    resume: bool = _TRAIN["resume"],
+    device: str = _TRAIN["device"],
+    amp: Optional[str] = _TRAIN["amp"],
+    channels_last: bool = _TRAIN["channels_last"],
+    compile: bool = _TRAIN["compile"],
 ):
     """Standard (non-adversarial) training with a progress bar, per-epoch test accuracy and checkpoints."""
     from dataclasses import replace
@@ -239,10 +250,10 @@ def train_cmd(
 # --- train-robust -----------------------------------------------------------------------------
 @app.command("train-robust")
 def train_robust_cmd(
-    model: str = typer.Option("smallcnn", "--model", "-m", help="Model name (see `advbench list`)."),
-    dataset: str = typer.Option("mnist-5k", "--dataset", "-d", help="Dataset name or npz:PATH."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where torchvision datasets live."),
-    download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing."),
+    model: str = _TRAIN["model"],
+    dataset: str = _TRAIN["dataset"],
+    data_dir: Optional[str] = _TRAIN["data_dir"],
+    download: bool = _TRAIN["download"],
     method: str = typer.Option("pgd-at", "--method",
                                help="Defense: pgd-at, fgsm-rs, trades, mix (see `advbench list`)."),
     eps: Optional[str] = typer.Option(None, "--eps", help="Training budget in pixel units (default: 0.3 for "
@@ -259,7 +270,7 @@ def train_robust_cmd(
     eps_warmup: Optional[int] = typer.Option(None, "--eps-warmup",
                                              help="Ramp eps linearly (per step) over this many first epochs "
                                                   "(default: 2 when --epochs >= 5, else 1)."),
-    activation: str = typer.Option("relu", "--activation", help="Activation (see `advbench list`)."),
+    activation: str = _TRAIN["activation"],
     smooth_backward: Optional[str] = typer.Option(None, "--smooth-backward",
                                                   help="Keep ReLU forward, use this activation's derivative "
                                                        "backward."),
@@ -273,25 +284,25 @@ def train_robust_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help=_BATCH_HELP),
     lr: float = typer.Option(0.001, "--lr"),
     optimizer: str = typer.Option("adam", "--optimizer", help="sgd or adam."),
-    schedule: str = typer.Option("cosine", "--schedule", help=_SCHEDULE_HELP),
+    schedule: str = _TRAIN["schedule"],
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    augment: bool = typer.Option(False, "--augment/--no-augment", help="Random crop (+ flip for colour)."),
-    seed: int = typer.Option(0, "--seed"),
-    n_train: Optional[int] = typer.Option(None, "--n-train", help="Train on a seeded subset of this size."),
+    augment: bool = _TRAIN["augment"],
+    seed: int = _TRAIN["seed"],
+    n_train: Optional[int] = _TRAIN["n_train"],
     out: Optional[str] = typer.Option(None, "--out", help="Checkpoint of the last epoch (default: the zoo entry "
                                                           "MODEL-DATASET-METHOD[-ACT].pt); the best epoch goes "
                                                           "to the same name with .best.pt, metrics to "
                                                           ".metrics.csv."),
     results_dir: str = typer.Option("results", "--results-dir"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from --out's last epoch."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    resume: bool = _TRAIN["resume"],
+    device: str = _TRAIN["device"],
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate the final and best models with PGD "
                                                                 "and record them in the leaderboard."),
     eval_steps: int = typer.Option(20, "--eval-steps", help="PGD steps of the final evaluation."),
     n_eval: Optional[int] = typer.Option(1000, "--n-eval", help="Test examples of the final evaluation."),
-    amp: Optional[str] = _SPEED["amp"],
-    channels_last: bool = _SPEED["channels_last"],
-    compile: bool = _SPEED["compile"],
+    amp: Optional[str] = _TRAIN["amp"],
+    channels_last: bool = _TRAIN["channels_last"],
+    compile: bool = _TRAIN["compile"],
 ):
     """Adversarial training (PGD-AT, fast FGSM-RS, TRADES, Goodfellow mix) with smooth activations, SWA/EMA,
     robust early stopping on a held-out split, exact resume, and a final PGD evaluation in the leaderboard."""
