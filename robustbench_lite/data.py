@@ -24,7 +24,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -100,15 +100,17 @@ class Dataset:
         return x[ids], y[ids], ids
 
 
-def check_n_examples(n: Optional[int], total: int, what: str, setting: str = "n_examples") -> None:
+def check_n_examples(n: Optional[int], total: int, what: str, setting: str = "n_examples",
+                     mentions: Sequence[str] = ()) -> None:
     """``n`` examples (None: all) can be drawn from ``what``, which has ``total``; a SettingError naming
-    ``setting`` otherwise (e.g. ``n_train`` for a training subset)."""
+    ``setting`` otherwise (e.g. ``n_train`` for a training subset). ``what`` may name the settings in
+    ``mentions`` as ``{name}`` too."""
     if n is None:
         return
     if n < 1:
         raise SettingError(f"{{{setting}}} must be >= 1 (got {n})", setting)
     if n > total:
-        raise SettingError(f"{{{setting}}} {n} is larger than {what} ({total} examples)", setting)
+        raise SettingError(f"{{{setting}}} {n} is larger than {what} ({total} examples)", setting, *mentions)
 
 
 def channel_stats(x: torch.Tensor) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:

@@ -67,7 +67,7 @@ def parse_attack_specs(items: Union[str, Iterable[Any], None]) -> List[AttackSpe
             continue
         elif isinstance(it, str):
             if not it.strip():
-                raise AdvbenchError("empty attack name (expected e.g. --attack fgsm,bim,pgd)")
+                raise AdvbenchError("empty attack name (expected names such as fgsm,bim,pgd)")
             spec = AttackSpec(it.strip())
         elif isinstance(it, Mapping):
             d = dict(it)

@@ -246,8 +246,8 @@ def split_train_val(n: int, val_size: int = 0, n_train: Optional[int] = None, se
         val_ids = torch.zeros(0, dtype=torch.int64)
         pool = torch.arange(n)
     if n_train is not None:
-        check_n_examples(n_train, len(pool), "the training examples" + (" left after --val-size" if val_size else ""),
-                         setting="n_train")
+        check_n_examples(n_train, len(pool), "the training examples" + (" left after {val_size}" if val_size else ""),
+                         setting="n_train", mentions=("val_size",))
         if n_train < len(pool):
             g = torch.Generator().manual_seed(int(seed))
             pool = pool[torch.randperm(len(pool), generator=g)[:n_train].sort().values]
