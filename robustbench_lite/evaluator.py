@@ -5,18 +5,25 @@
 
 What is measured, per threat model (one, or an eps sweep):
 - clean accuracy (computed once; it does not depend on the threat model);
-- per attack, its OWN robust accuracy: the attack runs on every clean-correct sample, so each
-  number is the one a paper would report for that attack alone; plus its success rate (fooled /
-  attacked), the mean and max perturbation norm of its successful adversarial examples (in the
-  threat norm), seconds and images/s (attack time only, on the attacked samples);
-- the worst case over all attacks: a sample is robust only if it survives every attack. It is
-  derived from the per-attack masks (sample robust <=> clean-correct and fooled by no attack).
-  Cost choice: every attack runs on all clean-correct samples (not only on the survivors of the
-  previous ones). That costs more than a cascade but gives the per-attack numbers and the worst
-  case from the same runs, and the worst case is identical to the cascade's, because attacks are
-  deterministic per sample (randomness is keyed by sample id) and do not depend on each other.
+- per attack, its robust accuracy, in one of two modes:
+  per-attack (default): the attack runs on every clean-correct sample, so each number is the one a
+    paper would report for that attack alone;
+  cascade (``cascade=True``; AutoAttack's run_standard_evaluation): attack k runs only on the
+    samples every earlier attack failed to fool, and its number is the robust accuracy after
+    attacks 1..k ("robust accuracy after APGD-T" in AutoAttack's log); far cheaper when the first
+    attack fools most samples;
+  plus its success rate (fooled / attacked), the mean and max perturbation norm of its successful
+  adversarial examples (in the threat norm), seconds and images/s (attack time only, on the
+  samples it attacked);
+- the worst case over all attacks: a sample is robust only if it survives every attack it met.
+  The two modes give the same worst case, because attacks are deterministic per sample
+  (randomness is keyed by sample id) and do not depend on each other: a sample fooled by attack j
+  is fooled whether or not later attacks run on it. It is a reportable robust accuracy only when
+  the attacks cover AutoAttack's standard set (EvalResult.evaluation, specs.evaluation_kind);
+  otherwise it is an upper bound from weak attacks.
 - per-sample outcomes: sample id, label, clean prediction, and per attack the adversarial
-  prediction, whether it fooled the model and the perturbation norm.
+  prediction, whether it fooled the model and the perturbation norm (empty where the attack did
+  not run on the sample).
 
 Safety: every adversarial batch is checked with ThreatModel.violations; an attack that returns a
 sample outside the eps-ball or outside [0, 1] makes the evaluation fail with an AdvbenchError (no
@@ -29,13 +36,15 @@ sample data, concatenated) combines the shards.
 Interrupted evaluations: with a ``Journal`` every finished (threat, attack, batch) is saved as it
 finishes, one small file each, and an evaluation given the same journal (same data, batch size and
 attacks) loads those batches instead of attacking them again: the result is the uninterrupted one.
+In a cascade the samples of attack k follow from the batches of attacks 1..k-1, saved ones
+included, so a resumed cascade attacks exactly the samples an uninterrupted one would.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -43,10 +52,11 @@ import torch
 
 from attacks.engine import attack_mode, check_images
 
-from .errors import AdvbenchError
+from .errors import AdvbenchError, SettingError
 from .fileio import atomic_write
 from .runtime import check_positive, resolve_device
-from .specs import DEFAULT_ATTACKS, build_attacks, parse_attack_specs, resolve_threats
+from .specs import (CASCADE, DEFAULT_ATTACKS, WEAK, build_attacks, evaluation_kind, mode_name, parse_attack_specs,
+                    resolve_threats)
 from .threat import ThreatModel, format_eps
 
 ProgressFn = Callable[[ThreatModel, str, int, int], None]  # (threat, attack label, done, total)
@@ -56,7 +66,8 @@ ProgressFn = Callable[[ThreatModel, str, int, int], None]  # (threat, attack lab
 @dataclass
 class AttackResult:
     """One attack under one threat model. Per-sample tensors are aligned with EvalResult.sample_ids;
-    samples that were not attacked (clean-misclassified) have adv_pred -1, fooled False, dist nan."""
+    samples it did not attack (clean-misclassified ones; in a cascade also those an earlier attack
+    fooled) have adv_pred -1, fooled False, dist nan."""
 
     label: str
     name: str
@@ -68,8 +79,13 @@ class AttackResult:
     stats: Dict[str, int] = field(default_factory=dict)
 
     @property
+    def attacked(self) -> torch.Tensor:
+        """The samples this attack ran on."""
+        return self.adv_pred >= 0
+
+    @property
     def n_attacked(self) -> int:
-        return int((self.adv_pred >= 0).sum())
+        return int(self.attacked.sum())
 
     @property
     def n_fooled(self) -> int:
@@ -77,7 +93,7 @@ class AttackResult:
 
     @property
     def success_rate(self) -> float:
-        """Fooled / attacked (the attacked samples are the clean-correct ones)."""
+        """Fooled / attacked (the clean-correct samples; in a cascade the survivors of the earlier attacks)."""
         return self.n_fooled / self.n_attacked if self.n_attacked else 0.0
 
     @property
@@ -96,20 +112,28 @@ class AttackResult:
 
 @dataclass
 class ThreatResult:
+    """The attacks (in the order they ran) under one threat model; ``cascade``: each ran on the
+    samples every earlier one failed to fool."""
+
     threat: ThreatModel
     attacks: Dict[str, AttackResult]
     clean_correct: torch.Tensor
+    cascade: bool = False
 
     @property
     def n_total(self) -> int:
         return int(self.clean_correct.numel())
 
     def robust_mask(self, label: Optional[str] = None) -> torch.Tensor:
-        """Samples that are clean-correct and survive attack ``label`` (default: every attack)."""
+        """Samples that are clean-correct and survive attack ``label`` (in a cascade: the attacks up to
+        and including ``label``, as AutoAttack reports "robust accuracy after" each), or every attack
+        (None: the worst case)."""
         ok = self.clean_correct.clone()
         for lab, res in self.attacks.items():
-            if label is None or lab == label:
+            if label is None or self.cascade or lab == label:
                 ok &= ~res.fooled
+            if lab == label:
+                break
         return ok
 
     def robust_acc(self, label: str) -> float:
@@ -168,32 +192,62 @@ class EvalResult:
     def attack_labels(self) -> List[str]:
         return list(self.threats[0].attacks) if self.threats else []
 
+    @property
+    def mode(self) -> str:
+        """How the attacks ran: specs.CASCADE or specs.PER_ATTACK."""
+        return mode_name(bool(self.threats) and self.threats[0].cascade)
+
+    @property
+    def evaluation(self) -> str:
+        """What the worst case is (specs.evaluation_kind): the reportable suite the attacks cover
+        (standard, autoattack), or WEAK: an upper bound from weak attacks only."""
+        return evaluation_kind(r.config for r in self.threats[0].attacks.values()) if self.threats else WEAK
+
+    @property
+    def reportable(self) -> bool:
+        return self.evaluation != WEAK
+
     def threat(self, threat: ThreatModel) -> ThreatResult:
         for t in self.threats:
             if t.threat == threat:
                 return t
         raise KeyError(str(threat))
 
+    def cumulative(self) -> "EvalResult":
+        """The result as checks that compare attacks sample by sample read it (masking.py): in a
+        cascade, attack k's ``fooled`` widened to every sample attacks 1..k fooled (what its robust
+        accuracy counts; its other per-sample data stay its own); a per-attack result as it is."""
+        if self.mode != CASCADE:
+            return self
+        threats = [ThreatResult(t.threat, {lab: replace(r, fooled=t.clean_correct & ~t.robust_mask(lab))
+                                           for lab, r in t.attacks.items()}, t.clean_correct)
+                   for t in self.threats]
+        return replace(self, threats=threats)
+
     def summary(self) -> Dict[str, Any]:
         """JSON-able summary (no per-sample data)."""
         return {"n_examples": self.n_total, "n_clean_correct": self.n_clean_correct, "clean_acc": self.clean_acc,
-                "seed": self.seed, "device": self.device, "threats": [t.summary() for t in self.threats]}
+                "seed": self.seed, "device": self.device, "mode": self.mode, "evaluation": self.evaluation,
+                "worst_case_kind": "reportable" if self.reportable else "upper-bound",
+                "threats": [t.summary() for t in self.threats]}
 
     def outcome_rows(self) -> List[Dict[str, Any]]:
-        """Per-sample outcomes, one row per (sample, threat model)."""
+        """Per-sample outcomes, one row per (sample, threat model); an attack's cells are empty for the
+        samples it did not run on (clean-misclassified ones; in a cascade also those an earlier
+        attack fooled)."""
         rows: List[Dict[str, Any]] = []
         ids, labels, clean = self.sample_ids.tolist(), self.labels.tolist(), self.clean_pred.tolist()
         for t in self.threats:
-            cols = {lab: (r.adv_pred.tolist(), r.fooled.tolist(), r.dist.tolist()) for lab, r in t.attacks.items()}
+            cols = {lab: (r.attacked.tolist(), r.adv_pred.tolist(), r.fooled.tolist(), r.dist.tolist())
+                    for lab, r in t.attacks.items()}
             robust = t.robust_mask().tolist()
             for i in range(self.n_total):
                 row: Dict[str, Any] = {"sample_id": ids[i], "label": labels[i], "clean_pred": clean[i],
                                        "norm": t.threat.norm, "eps": t.threat.eps}
-                attacked = clean[i] == labels[i]
-                for lab, (pred, fooled, dist) in cols.items():
-                    row[f"{lab}_pred"] = pred[i] if attacked else ""
-                    row[f"{lab}_fooled"] = int(fooled[i]) if attacked else ""
-                    row[f"{lab}_dist"] = f"{dist[i]:.6g}" if attacked else ""
+                for lab, (attacked, pred, fooled, dist) in cols.items():
+                    row[f"{lab}_pred"] = pred[i] if attacked[i] else ""
+                    row[f"{lab}_fooled"] = int(fooled[i]) if attacked[i] else ""
+                    row[f"{lab}_dist"] = f"{dist[i]:.6g}" if attacked[i] else ""
                 row["worst_case_robust"] = int(robust[i])
                 rows.append(row)
         return rows
@@ -227,7 +281,8 @@ class EvalResult:
                 attacks_out[lab] = AttackResult(lab, r0.name, r0.config, cat(r.adv_pred for r in rs),
                                                 cat(r.fooled for r in rs), cat(r.dist for r in rs),
                                                 max(r.seconds for r in rs), stats)
-            threats.append(ThreatResult(t0.threat, attacks_out, cat(p.threats[k].clean_correct for p in parts)))
+            threats.append(ThreatResult(t0.threat, attacks_out, cat(p.threats[k].clean_correct for p in parts),
+                                        t0.cascade))
         return cls(ids[order], cat(p.labels for p in parts), cat(p.clean_pred for p in parts), threats,
                    parts[0].seed, parts[0].device)
 
@@ -250,14 +305,16 @@ class Journal:
     """The finished (threat, attack, batch) results of an evaluation, one file per batch in
     ``folder``, each written atomically (a kill at any point leaves whole files only) and read back
     with torch.load(weights_only=True). A batch is named by its threat model, attack label and
-    first position in the list of attacked samples; ``total`` is the number of batches of the whole
-    evaluation once evaluate() knows it."""
+    first position in the list of samples that attack attacks; ``total`` is the number of batches
+    of the whole evaluation once evaluate() knows it, ``exact`` False when it is an upper bound (a
+    cascade's later attacks run on the survivors of the earlier ones, not known ahead)."""
 
     SUFFIX = ".pt"
 
     def __init__(self, folder: Union[str, Path]):
         self.folder = Path(folder)
         self.total: Optional[int] = None
+        self.exact = True
 
     def path(self, threat: ThreatModel, label: str, start: int) -> Path:
         key = hashlib.sha256(f"{threat.norm}:{threat.eps!r}:{label}".encode()).hexdigest()[:12]
@@ -370,7 +427,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
              threats: Union[ThreatModel, Sequence[ThreatModel], None] = None, *,
              eps: Union[str, float, Sequence[Union[str, float]], None] = None, norm: str = "linf",
              batch_size: int = 256, device: Union[str, torch.device, None] = None, seed: int = 0,
-             sample_ids: Optional[torch.Tensor] = None,
+             sample_ids: Optional[torch.Tensor] = None, cascade: bool = False,
              on_progress: Optional[ProgressFn] = None, journal: Optional[Journal] = None) -> EvalResult:
     """Evaluate ``model`` on (x, y) under every attack and threat model; see the module docstring.
 
@@ -378,11 +435,15 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
     ``eps`` (+ ``norm``) for a sweep. ``sample_ids``: dataset indices of the samples; they key the
     attacks' randomness. The default 0..N-1 restarts at 0 on every call: when you evaluate a dataset
     in pieces, pass the dataset indices, or every piece gets the same random starts. ``device``:
-    where to run (default: the model's).
+    where to run (default: the model's). ``cascade``: each attack runs only on the samples every
+    earlier attack failed to fool, and its robust accuracy is the one after attacks 1..k (False:
+    every attack on every clean-correct sample).
     ``on_progress(threat, label, done, total)`` is called as the attacks advance (``done`` in
     samples, fractional within a batch). ``journal``: save each finished batch there, and load
     the batches it already holds instead of attacking them (None: everything in memory)."""
     check_positive("batch_size", batch_size)
+    if not isinstance(cascade, bool):
+        raise SettingError(f"{{cascade}} must be True or False (got {cascade!r})", "cascade")
     specs = parse_attack_specs(attacks)
     threat_list = resolve_threats(threats, eps=eps, norm=norm)
     built = build_attacks(specs, threat_list, seed)
@@ -398,71 +459,92 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
 
     clean_pred = predict(model, x, batch_size, "clean inputs")
     correct = clean_pred == y
-    attacked = _Attacked(model, x, y, ids, correct.nonzero().reshape(-1), batch_size, journal, on_progress)
+    attacked = _Attacked(model, x, y, ids, correct, batch_size, journal, on_progress, cascade)
     if journal is not None:
-        journal.total = len(threat_list) * len(specs) * len(attacked.starts)
-    threat_results = [ThreatResult(t, {s.label: attacked.run(built[(t, s.label)], s, t) for s in specs}, correct.cpu())
-                      for t in threat_list]
+        journal.total = len(threat_list) * len(specs) * attacked.batches(attacked.todo)
+        journal.exact = not cascade  # a cascade's later attacks may need fewer batches
+    threat_results = [attacked.threat(t, [(s, built[(t, s.label)]) for s in specs]) for t in threat_list]
     return EvalResult(ids.cpu(), y.cpu(), clean_pred.cpu(), threat_results, seed, str(dev))
 
 
 @dataclass
 class _Attacked:
-    """The clean-correct samples of an evaluation (``todo``: their positions in x), attacked batch by
-    batch by one attack after the other; batches come from the journal when it holds them."""
+    """The clean-correct samples of an evaluation (``correct``; ``todo``: their positions in x),
+    attacked batch by batch by one attack after the other (as a ``cascade``: each on the survivors
+    of the earlier ones); batches come from the journal when it holds them."""
 
     model: Any
     x: torch.Tensor
     y: torch.Tensor
     ids: torch.Tensor
-    todo: torch.Tensor
+    correct: torch.Tensor
     batch_size: int
     journal: Optional[Journal]
     on_progress: Optional[ProgressFn]
+    cascade: bool = False
 
-    @property
-    def starts(self) -> range:
-        return range(0, int(self.todo.numel()), self.batch_size)
+    def __post_init__(self):
+        self.todo = self.correct.nonzero().reshape(-1)
 
-    def run(self, atk, spec, threat: ThreatModel) -> AttackResult:
-        """Attack every batch with ``atk`` (the attack of ``spec`` under ``threat``); per-sample results
-        for all N samples (the clean-misclassified ones unattacked)."""
-        n, n_todo, dev = self.x.shape[0], int(self.todo.numel()), self.x.device
+    def batches(self, todo: torch.Tensor) -> int:
+        return -(-int(todo.numel()) // self.batch_size)
+
+    def threat(self, threat: ThreatModel, pairs) -> ThreatResult:
+        """Every (spec, attack) of ``pairs``, in order, under ``threat``: on every clean-correct sample,
+        or as a cascade, each attack on the samples that every earlier one failed to fool. Which
+        samples those are follows from the earlier attacks' batches (saved ones included), so a
+        resumed cascade attacks the same samples as an uninterrupted one."""
+        todo, results = self.todo, {}
+        for k, (spec, atk) in enumerate(pairs):
+            results[spec.label] = res = self.run(atk, spec, threat, todo)
+            if self.cascade:
+                survivors = todo[~res.fooled.to(todo.device)[todo]]
+                if self.journal is not None:  # the later attacks of this threat need fewer batches
+                    self.journal.total -= (len(pairs) - 1 - k) * (self.batches(todo) - self.batches(survivors))
+                todo = survivors
+        return ThreatResult(threat, results, self.correct.cpu(), self.cascade)
+
+    def run(self, atk, spec, threat: ThreatModel, todo: torch.Tensor) -> AttackResult:
+        """Attack the samples at positions ``todo`` batch by batch with ``atk`` (the attack of ``spec``
+        under ``threat``); per-sample results for all N samples (the others unattacked)."""
+        n, dev = self.x.shape[0], self.x.device
         adv_pred = torch.full((n,), -1, dtype=torch.long, device=dev)
         fooled = torch.zeros(n, dtype=torch.bool, device=dev)
         dist = torch.full((n,), math.nan, dtype=torch.float32, device=dev)
         seconds, stats = 0.0, {}
-        self._progress(threat, spec.label, 0)
-        for start in self.starts:
-            sel = self.todo[start:start + self.batch_size]
-            batch = self._batch(atk, spec.label, threat, start, sel)
+        self._progress(threat, spec.label, 0, todo)
+        for start in range(0, int(todo.numel()), self.batch_size):
+            sel = todo[start:start + self.batch_size]
+            batch = self._batch(atk, spec.label, threat, start, sel, todo)
             seconds += batch.seconds
             for k, v in batch.stats.items():
                 stats[k] = stats.get(k, 0) + v
             adv_pred[sel], fooled[sel], dist[sel] = batch.adv_pred.to(dev), batch.fooled.to(dev), batch.dist.to(dev)
-            self._progress(threat, spec.label, min(start + self.batch_size, n_todo))
+            self._progress(threat, spec.label, min(start + self.batch_size, int(todo.numel())), todo)
         atk.on_step = None
         return AttackResult(spec.label, spec.name, atk.config(), adv_pred.cpu(), fooled.cpu(), dist.cpu(), seconds,
                             stats)
 
-    def _batch(self, atk, label: str, threat: ThreatModel, start: int, sel: torch.Tensor) -> BatchResult:
-        """The batch at ``start``: loaded from the journal when saved there, else attacked (and saved)."""
+    def _batch(self, atk, label: str, threat: ThreatModel, start: int, sel: torch.Tensor,
+               todo: torch.Tensor) -> BatchResult:
+        """The batch at ``start`` of ``todo``: loaded from the journal when saved there, else attacked
+        (and saved)."""
         journal = self.journal
         if journal is not None and journal.done(threat, label, start):
             batch = journal.load(threat, label, start)
             _check_saved_batch(batch, self.ids[sel], journal.path(threat, label, start))
             return batch
         if self.on_progress is not None:
-            atk.on_step = _BatchProgress(self.on_progress, threat, label, start, len(sel), int(self.todo.numel()))
+            atk.on_step = _BatchProgress(self.on_progress, threat, label, start, len(sel), int(todo.numel()))
         batch = _attack_batch(self.model, atk, label, threat, (self.x[sel], self.y[sel], self.ids[sel]),
                               self.batch_size)
         if journal is not None:
             journal.record(threat, label, start, batch)
         return batch
 
-    def _progress(self, threat: ThreatModel, label: str, done: int) -> None:
+    def _progress(self, threat: ThreatModel, label: str, done: int, todo: torch.Tensor) -> None:
         if self.on_progress is not None:
-            self.on_progress(threat, label, done, int(self.todo.numel()))
+            self.on_progress(threat, label, done, int(todo.numel()))
 
 
 def _attack_batch(model, atk, label: str, threat: ThreatModel, batch, predict_batch_size: int) -> BatchResult:

@@ -34,26 +34,29 @@ from .errors import AdvbenchError, SettingError
 from .evaluator import Journal
 from .fileio import atomic_write_text
 from .leaderboard import jsonable
+from .specs import PER_ATTACK
 
 STATE_NAME = "state.json"
 CONFIG_NAME = "config.yaml"
 BATCHES_NAME = "batches"
 # what must be equal for a resumed run to give the uninterrupted run's numbers
 RESUME_KEYS = ("model", "checkpoint_sha256", "dataset", "dataset_sha256", "split", "n_examples", "seed",
-               "batch_size", "threats", "attacks")
+               "batch_size", "mode", "threats", "attacks")
+OLD_CONFIG = {"mode": PER_ATTACK}  # what a run folder written before a key existed did
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """An evaluation stopped by Ctrl-C or SIGTERM (the cause): what of it was saved."""
+    """An evaluation stopped by Ctrl-C or SIGTERM (the cause): what of it was saved (``exact``
+    False: ``total`` is an upper bound, a cascade's later attacks may need fewer batches)."""
 
-    def __init__(self, run_id: str, saved: int, total: Optional[int]):
+    def __init__(self, run_id: str, saved: int, total: Optional[int], exact: bool = True):
         super().__init__(run_id)
-        self.run_id, self.saved, self.total = run_id, saved, total
+        self.run_id, self.saved, self.total, self.exact = run_id, saved, total, exact
 
     def kept(self) -> str:
         if self.total is None:
             return f"run {self.run_id} has no saved batches"
-        return f"{self.saved} of {self.total} batches of run {self.run_id} are saved"
+        return f"{self.saved} of {'' if self.exact else 'at most '}{self.total} batches of run {self.run_id} are saved"
 
 
 def _plain(obj: Any) -> Any:
@@ -160,7 +163,7 @@ class RunFolder:
         the first key that differs."""
         stored = self.stored_config()
         mine = _plain({k: config.get(k) for k in RESUME_KEYS})
-        theirs = {k: stored.get(k) for k in RESUME_KEYS}
+        theirs = {k: stored.get(k, OLD_CONFIG.get(k)) for k in RESUME_KEYS}
         diff = first_difference(mine, theirs, "")
         if diff:
             key = diff.lstrip(".")

@@ -37,7 +37,7 @@ from .models import MODELS
 from .runfolder import RunFolder, RunInterrupted
 from .runtime import (SILENT, AttackBars, FastPaths, Narrator, check_positive, check_seed, env_rank,
                       resolve_device)
-from .specs import AttackSpec, build_attacks
+from .specs import AttackSpec, build_attacks, mode_name
 from .threat import ThreatModel, check_norm, format_eps, parse_eps
 from .training import RobustValidation, TrainConfig, TrainResult, train
 from .zoo import load_model, zoo_path
@@ -54,6 +54,7 @@ class RunSpec:
     dataset: Optional[str] = None           # None: the checkpoint's dataset, else data.DEFAULT_DATASET
     threats: Tuple[ThreatModel, ...] = ()
     attacks: Tuple[AttackSpec, ...] = ()
+    cascade: bool = False                   # each attack only on the samples the earlier ones failed to fool
     n_examples: Optional[int] = 1000        # None: the whole test split
     batch_size: int = 256
     device: str = "auto"
@@ -72,6 +73,8 @@ class RunSpec:
         for name in ("threats", "attacks", "flags"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         check_seed(self.seed)
+        if not isinstance(self.cascade, bool):
+            raise SettingError(f"{{cascade}} must be true or false (got {self.cascade!r})", "cascade")
         if not self.model and not self.checkpoint:
             raise SettingError("give {model} (the zoo baseline is used) or {checkpoint}", "model", "checkpoint")
         if self.model:
@@ -138,7 +141,7 @@ def execute_run(spec: RunSpec, narrator: Narrator = Narrator()) -> RunRecord:
     where = f"{ctx.world_size} x {device.type} (DDP)" if ctx.enabled else str(device)
     narrator.say(f"attacking {info['model']} ({info['checkpoint']}) on {n_total} {info['dataset']} test images "
                  f"({spec.dataset_reason(info['dataset'], narrator)}): {', '.join(a.label for a in spec.attacks)} "
-                 f"x {', '.join(str(t) for t in spec.threats)} on {where}")
+                 f"({mode_name(spec.cascade)}) x {', '.join(str(t) for t in spec.threats)} on {where}")
     config = _run_config(spec, info, n_total, device, ctx)
     folder = _open_folder(spec, config, info, resumed, ctx, narrator)
     journal = folder.journal() if folder is not None and not ctx.enabled else None  # DDP: no journal
@@ -148,7 +151,7 @@ def execute_run(spec: RunSpec, narrator: Narrator = Narrator()) -> RunRecord:
         if folder is None:
             raise
         raise RunInterrupted(folder.run_id, journal.count() if journal else 0,
-                             journal.total if journal else None) from exc
+                             journal.total if journal else None, journal.exact if journal else True) from exc
     except AdvbenchError:
         if folder is not None and resumed is None:
             folder.discard()  # a fresh run that failed leaves nothing behind
@@ -222,6 +225,7 @@ def _run_config(spec: RunSpec, info: Dict[str, Any], n_total: int, device, ctx) 
         "model": info["model"], "checkpoint": info["checkpoint"], "checkpoint_sha256": info["checkpoint_sha256"],
         "dataset": info["dataset"], "dataset_sha256": info["dataset_sha256"], "split": "test",
         "n_examples": n_total, "seed": spec.seed, "batch_size": spec.batch_size, "device": str(device),
+        "mode": mode_name(spec.cascade),
         "defense": info["defense"], "activation": info["activation"], "flags": flags,
         "threats": [{"norm": t.norm, "eps": t.eps, "eps_label": format_eps(t.eps)} for t in spec.threats],
         "attacks": [{"label": a.label, "name": a.name, "params": dict(a.params),
@@ -256,12 +260,12 @@ def _evaluate(spec: RunSpec, model, data, device, ctx, journal, narrator: Narrat
     bars = AttackBars(narrator.progress(unit="samples"))
     with bars.progress:
         result = evaluate(model, x, y, spec.attacks, spec.threats, batch_size=spec.batch_size, device=device,
-                          seed=spec.seed, sample_ids=ids, on_progress=bars, journal=journal)
+                          seed=spec.seed, sample_ids=ids, cascade=spec.cascade, on_progress=bars, journal=journal)
     if ctx.enabled:
         result = EvalResult.merge(distributed.all_gather_objects(result))
     warnings = []
     if ctx.is_main and spec.masking_checks:
-        warnings = masking.check_run(model, x, y, ids, result, device=device, seed=spec.seed)
+        warnings = masking.check_run(model, x, y, ids, result.cumulative(), device=device, seed=spec.seed)
         for w in warnings:
             narrator.warn(w.message)
     return result, warnings

@@ -6,11 +6,15 @@ results; it builds the attack for one threat model (AttackSpec.build). The specs
 named attack suite (ATTACK_SUITES, `advbench attack --suite NAME`), or from names plus settings
 given once for all of them (with_overrides: `advbench attack --steps 20 ...`). Threat models come
 from one ThreatModel, a list of them, or an eps sweep (resolve_threats).
+
+A named suite (AttackSuite) also says whether it runs as a cascade by default and whether its
+worst case is reportable; evaluation_kind tells, from a run's resolved attack settings, which
+reportable suite the run covers, or WEAK: its worst case is an upper bound from weak attacks only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import attacks
 from attacks.engine import Attack
@@ -21,6 +25,12 @@ from .threat import ThreatModel, parse_eps, parse_eps_list
 
 DEFAULT_ATTACKS = ("fgsm", "bim", "pgd")
 WORST_CASE = "worst-case"
+PER_ATTACK, CASCADE = "per-attack", "cascade"  # how a run's attacks ran (evaluator.evaluate's ``cascade``)
+
+
+def mode_name(cascade: bool) -> str:
+    return CASCADE if cascade else PER_ATTACK
+
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -167,29 +177,97 @@ def with_overrides(names: Union[str, Iterable[Any]], steps: Optional[int] = None
     return out
 
 
-# Named attack lists for `advbench attack --suite NAME`.
-#   standard: APGD-CE + APGD-T (100 iterations each, 9 target classes): a fast AutoAttack-style
-#             worst case (Croce & Hein, ICML 2020; AutoAttack without FAB-T and Square).
-#   quick:    FGSM + PGD-20: a cheap sanity check.
-ATTACK_SUITES: Dict[str, List[Dict[str, Any]]] = {
-    "standard": [{"name": "apgd-ce", "steps": 100, "label": "apgd-ce"},
-                 {"name": "apgd-t", "steps": 100, "n_target_classes": 9, "label": "apgd-t"}],
-    "quick": [{"name": "fgsm", "label": "fgsm"}, {"name": "pgd", "steps": 20, "label": "pgd-20"}],
+@dataclass(frozen=True)
+class AttackSuite:
+    """A named attack suite (`advbench attack --suite NAME`): its attacks (mappings as
+    parse_attack_specs takes them, each with a label), whether it runs as a cascade by default
+    (each attack only on the samples every earlier one failed to fool), whether its worst case is
+    a reportable robust accuracy (``reportable``: at least AutoAttack's standard set), and one line
+    for `advbench list` and the README."""
+
+    attacks: Tuple[Mapping[str, Any], ...]
+    cascade: bool
+    description: str
+    reportable: bool = False
+
+    def specs(self, amp: Optional[str] = None) -> List[AttackSpec]:
+        """The suite's attack specs; ``amp`` goes to every attack."""
+        specs = []
+        for item in self.attacks:
+            d = dict(item)
+            label = d.pop("label")
+            if amp is not None:
+                d["amp"] = amp
+            specs.append(AttackSpec(d.pop("name"), d, label))
+        return parse_attack_specs(specs)
+
+    def covered_by(self, configs: Iterable[Mapping[str, Any]]) -> bool:
+        """Whether attacks with these resolved settings (Attack.config(): ``attack`` names each)
+        include every attack of the suite at least as strong: the same attack with, per setting of
+        the suite, an integer count (steps, restarts, targets, queries) at least the suite's and
+        any other value equal."""
+        configs = list(configs)
+        return all(any(c.get("attack") == want["name"] and _at_least(c, want) for c in configs)
+                   for want in self.attacks)
+
+
+def _at_least(config: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
+    for key, need in want.items():
+        if key in ("name", "label"):
+            continue
+        got = config.get(key)
+        if _is_count(need):
+            if not (_is_count(got) and got >= need):
+                return False
+        elif got != need:
+            return False
+    return True
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# The named attack suites (`advbench attack --suite NAME`).
+ATTACK_SUITES: Dict[str, AttackSuite] = {
+    "standard": AttackSuite(
+        ({"name": "apgd-ce", "steps": 100, "label": "apgd-ce"},
+         {"name": "apgd-t", "steps": 100, "n_target_classes": 9, "label": "apgd-t"}),
+        cascade=True, reportable=True,
+        description="AutoAttack's standard version on our engine (Croce & Hein, ICML 2020): APGD-CE, "
+                    "APGD-T (9 targets), each on the survivors of the ones before"),
+    "quick": AttackSuite(
+        ({"name": "fgsm", "label": "fgsm"}, {"name": "pgd", "steps": 20, "label": "pgd-20"}),
+        cascade=False, description="FGSM + PGD-20: a cheap sanity check, an upper bound only"),
+    "autoattack": AttackSuite(
+        ({"name": "autoattack", "version": "standard", "label": "autoattack"},),
+        cascade=True, reportable=True,
+        description="the reference AutoAttack, standard version (PyPI pyautoattack, `pip install "
+                    "'advbench[autoattack]'`), on the same model, samples and threat model: a cross-check"),
 }
+REFERENCE_SUITE = "autoattack"  # the suite that runs the reference implementation
+WEAK = "weak"  # the evaluation of a run whose attacks cover no reportable suite
 
 
-def suite_attack_specs(name: str, amp: Optional[str] = None) -> List[AttackSpec]:
-    """The attack specs of a named attack suite (ATTACK_SUITES); ``amp`` goes to every attack."""
+def evaluation_kind(configs: Iterable[Mapping[str, Any]]) -> str:
+    """What a run's worst case is: the name of the first reportable suite (ATTACK_SUITES) whose
+    attacks the run's attacks (their resolved settings, Attack.config()) cover, else WEAK (an upper
+    bound from weak attacks only)."""
+    configs = list(configs)
+    return next((name for name, suite in ATTACK_SUITES.items() if suite.reportable and suite.covered_by(configs)),
+                WEAK)
+
+
+def attack_suite(name: str) -> AttackSuite:
+    """The named attack suite (ATTACK_SUITES); an unknown name is an AdvbenchError with a hint."""
     key = str(name).strip().lower()
     if key not in ATTACK_SUITES:
         close = suggest(key, ATTACK_SUITES, cutoff=0.5)
         hint = f" ({close})" if close else ""
         raise AdvbenchError(f"unknown attack suite {name!r}{hint}: expected one of {', '.join(ATTACK_SUITES)}")
-    specs = []
-    for item in ATTACK_SUITES[key]:
-        d = dict(item)
-        label = d.pop("label")
-        if amp is not None:
-            d["amp"] = amp
-        specs.append(AttackSpec(d.pop("name"), d, label))
-    return parse_attack_specs(specs)
+    return ATTACK_SUITES[key]
+
+
+def suite_attack_specs(name: str, amp: Optional[str] = None) -> List[AttackSpec]:
+    """The attack specs of a named attack suite (ATTACK_SUITES); ``amp`` goes to every attack."""
+    return attack_suite(name).specs(amp)

@@ -8,6 +8,8 @@ evaluation run per model (runs.RunSpec; `advbench run SUITE.yaml` executes them)
     seed: 0
     device: auto                      # auto | cpu | cuda
     masking_checks: true              # optional: the gradient-masking checks after each run
+    cascade: false                    # optional: each attack only on the samples the earlier ones
+                                      #   failed to fool (AutoAttack's cascade); default false
     channels_last: false              # optional fast paths, as the CLI's flags
     compile: false
     models:
@@ -48,7 +50,7 @@ from .specs import AttackSpec, parse_attack_specs
 from .threat import ThreatModel, check_norm, parse_eps
 
 TOP_KEYS = ("name", "description", "dataset", "data_dir", "download", "n_examples", "batch_size", "seed", "device",
-            "results_dir", "masking_checks", "channels_last", "compile", "models", "threats", "attacks")
+            "results_dir", "masking_checks", "cascade", "channels_last", "compile", "models", "threats", "attacks")
 MODEL_KEYS = ("name", "checkpoint", "dataset")
 THREAT_KEYS = ("norm", "eps")
 ATTACK_KEYS = ("name", "label")  # and the attack's own settings: attacks.parameters(name)
@@ -58,7 +60,8 @@ SETTINGS = (("name", str, "a string"), ("description", str, "a string"), ("datas
             ("n_examples", numbers.Integral, "an integer"), ("batch_size", numbers.Integral, "an integer"),
             ("seed", numbers.Integral, "an integer"), ("device", str, "auto, cpu or cuda"),
             ("results_dir", str, "a path"), ("masking_checks", bool, "true or false"),
-            ("channels_last", bool, "true or false"), ("compile", bool, "true or false"))
+            ("cascade", bool, "true or false"), ("channels_last", bool, "true or false"),
+            ("compile", bool, "true or false"))
 _SAFE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
 
@@ -76,7 +79,8 @@ class Suite:
         s = self.settings
         return [RunSpec(model=m.get("name"), checkpoint=m.get("checkpoint"),
                         dataset=m.get("dataset") or s.get("dataset"), threats=self.threats,
-                        attacks=self.attacks, n_examples=s.get("n_examples", 1000),
+                        attacks=self.attacks, cascade=bool(s.get("cascade", False)),
+                        n_examples=s.get("n_examples", 1000),
                         batch_size=s.get("batch_size", 256), device=device or s.get("device", "auto"),
                         seed=s.get("seed", 0), results_dir=results_dir or s.get("results_dir", "results"),
                         data_dir=s.get("data_dir"), download=bool(s.get("download", False)),
