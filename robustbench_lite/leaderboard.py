@@ -1,14 +1,19 @@
 """The leaderboard and the per-run record.
 
 ``<results>/leaderboard.csv`` is the source of truth: one row per run x threat model x attack,
-plus one ``worst-case`` row per run x threat model. ``<results>/leaderboard.md`` is rendered from
-it (pandas): one section per dataset x threat model, one row per model entry (model, checkpoint
-sha256 (its first 12 hex digits), defense, activation), columns clean / each attack / worst case
-and n, sorted by worst case. A leaderboard ranks by the strongest evidence, as RobustBench reports
-the strongest known attack: each entry shows, of all its runs at that threat model, the run with
-the LOWEST worst-case robust accuracy (ties: the one with more examples, then the latest), so a
-stronger later evaluation (APGD, more steps) replaces a weaker one, and a weak quick run never
-hides it.
+plus one ``worst-case`` row per run x threat model; ``mode`` says how the run's attacks ran
+(per-attack: each on every clean-correct sample; cascade: each on the survivors of the earlier
+ones, its robust accuracy the one after it) and ``evaluation`` what its worst case is (the
+reportable suite its attacks cover, standard or autoattack, or weak: an upper bound from weak
+attacks only; rows older than these columns read as per-attack and weak). ``<results>/leaderboard.md``
+is rendered from it (pandas): one section per dataset x threat model, one row per model entry
+(model, checkpoint sha256 (its first 12 hex digits), defense, activation), columns n, evaluation,
+clean / each attack / worst case. A leaderboard ranks by the strongest evidence, as RobustBench
+reports the strongest known attack: each entry shows, of all its runs at that threat model, a
+reportable run before a weak one, then the run with the LOWEST worst-case robust accuracy (ties:
+the one with more examples, then the latest), so a stronger later evaluation (APGD, more steps)
+replaces a weaker one, and a weak quick run never hides it. Entries with a reportable worst case
+come first, then those with an upper bound (marked ≤), each sorted by worst case.
 
 Every run also gets ``<results>/runs/<run_id>/`` with ``config.yaml`` (the resolved
 configuration), ``summary.json`` and ``outcomes.csv`` (per-sample outcomes).
@@ -39,7 +44,7 @@ from . import __version__
 from .errors import AdvbenchError
 from .fileio import atomic_write, atomic_write_text, csv_text, ensure_dir, locked, not_a_file
 from .runtime import pct
-from .specs import WORST_CASE
+from .specs import PER_ATTACK, WEAK, WORST_CASE
 from .threat import check_norm, format_eps
 
 CSV_NAME = "leaderboard.csv"
@@ -50,7 +55,11 @@ COLUMNS = [
     "norm", "eps",
     "attack", "attack_params", "clean_acc", "robust_acc", "success_rate", "mean_norm", "max_norm", "seconds",
     "images_per_s", "device", "seed", "defense", "defense_params", "activation", "version", "flags",
+    "mode", "evaluation",
 ]
+# rows written before these columns existed: every attack ran on all clean-correct samples, and no
+# run covered AutoAttack's standard set (the old `--suite standard` had no FAB-T and no Square)
+OLD_ROWS = {"mode": PER_ATTACK, "evaluation": WEAK}
 REQUIRED = ("run_id", "model", "dataset", "norm", "eps", "attack", "clean_acc", "robust_acc")
 NUMERIC = ("eps", "clean_acc", "robust_acc")
 
@@ -117,9 +126,10 @@ def _num(v: Optional[float], digits: int = 6) -> str:
 def result_rows(result, info: Mapping[str, Any]) -> List[Dict[str, str]]:
     """Leaderboard rows for an evaluator.EvalResult. ``info`` supplies run_id, timestamp, model,
     checkpoint, checkpoint_sha256, dataset, device, seed, defense, defense_params, activation,
-    version, flags."""
+    version, flags; ``mode`` (per-attack or cascade) and ``evaluation`` (the reportable suite the
+    attacks cover, or weak) come from the result."""
     base = {k: ("" if info.get(k) is None else str(info.get(k))) for k in COLUMNS if k in info}
-    base["n_examples"] = str(result.n_total)
+    base.update(n_examples=str(result.n_total), mode=result.mode, evaluation=result.evaluation)
     rows: List[Dict[str, str]] = []
     for t in result.threats:
         common = dict(base, norm=t.threat.norm, eps=repr(float(t.threat.eps)), clean_acc=_num(result.clean_acc))
@@ -271,45 +281,59 @@ def _attack_order(labels: Iterable[str]) -> List[str]:
 
 SHA_SHOWN = 12  # hex digits of checkpoint_sha256 shown (and grouped by: old rows hold shorter hashes)
 SELECTION_RULE = ("One row per model entry (model, checkpoint, defense, activation): of its runs at this threat "
-                  "model, the one with the lowest worst-case robust accuracy (the strongest evaluation, as "
-                  "RobustBench reports the strongest known attack; ties: more examples, then the latest); n is "
-                  "that run's number of examples.")
+                  "model, the strongest evaluation: a reportable one (attacks covering AutoAttack's standard set: "
+                  "`--suite standard`, or the reference `--suite autoattack`) before a weak one, then the one with "
+                  "the lowest worst-case robust accuracy (as RobustBench reports the strongest known attack; ties: "
+                  "more examples, then the latest); n is that run's number of examples. Entries with a reportable "
+                  "worst case rank above those whose worst case comes from weak attacks only, which is an upper "
+                  "bound (marked ≤).")
+UPPER_BOUND = "≤ "  # before a worst case from weak attacks only, in the markdown
 
 
 def _strongest_runs(g):
-    """run_id per model entry of one section: the run with the lowest worst case (its worst-case row,
-    else its lowest attack), ties broken by more examples, then the latest."""
+    """run_id per model entry of one section: a reportable run before a weak one, then the run with
+    the lowest worst case (its worst-case row, else its lowest attack), ties broken by more
+    examples, then the latest."""
     per_run = []
     for run_id, r in g.groupby("run_id", sort=False):
         wc = r.loc[r["attack"] == WORST_CASE, "_robust"]
         n = pd.to_numeric(r["n_examples"].iloc[0], errors="coerce")
-        per_run.append({"run_id": run_id, "_entry": r["_entry"].iloc[0],
+        per_run.append({"run_id": run_id, "_entry": r["_entry"].iloc[0], "_weak": bool(r["_weak"].iloc[0]),
                         "_worst": float(wc.min()) if len(wc) else float(r["_robust"].min()),
                         "_n": 0.0 if pd.isna(n) else float(n), "_ts": str(r["timestamp"].iloc[0])})
     runs = pd.DataFrame(per_run)
     runs["_nan"] = runs["_worst"].isna()
-    runs = runs.sort_values(["_nan", "_worst", "_n", "_ts", "run_id"], ascending=[True, True, False, False, False],
-                            kind="stable")
+    runs = runs.sort_values(["_weak", "_nan", "_worst", "_n", "_ts", "run_id"],
+                            ascending=[True, True, True, False, False, False], kind="stable")
     return set(runs.groupby("_entry", sort=False)["run_id"].first())
 
 
-def table(df):
-    """The leaderboard as a list of sections: (title, DataFrame) with one row per model entry (its
-    strongest run: SELECTION_RULE), columns clean / attacks / worst case (fractions), sorted by
-    worst case."""
-    if df.empty:
-        return []
+def _prepared(df):
+    """The rows with the columns table() reads (old rows without mode / evaluation: OLD_ROWS) and
+    its helper columns."""
     d = df.copy()
-    for c in ("defense", "activation", "checkpoint_sha256", "timestamp", "n_examples"):
+    for c in ("defense", "activation", "checkpoint_sha256", "timestamp", "n_examples", *OLD_ROWS):
         if c not in d.columns:
             d[c] = ""
+    for c, old in OLD_ROWS.items():
+        d[c] = d[c].where(d[c].astype(str).str.strip() != "", old)
+    d["_weak"] = d["evaluation"] == WEAK
     d["_eps"] = pd.to_numeric(d["eps"])
     d["_robust"] = pd.to_numeric(d["robust_acc"])
     d["_clean"] = pd.to_numeric(d["clean_acc"])
     d["_sha"] = d["checkpoint_sha256"].astype(str).str.strip().str.lower().str[:SHA_SHOWN]
     d["_entry"] = d["model"] + "\0" + d["_sha"] + "\0" + d["defense"] + "\0" + d["activation"]
+    return d
+
+
+def table(df):
+    """The leaderboard as a list of sections: (title, DataFrame) with one row per model entry (its
+    strongest run: SELECTION_RULE), columns evaluation / mode / clean / attacks / worst case
+    (fractions), reportable entries first, each group sorted by worst case."""
+    if df.empty:
+        return []
     sections = []
-    for (dataset, norm, eps), g in d.groupby(["dataset", "norm", "_eps"], sort=True):
+    for (dataset, norm, eps), g in _prepared(df).groupby(["dataset", "norm", "_eps"], sort=True):
         chosen = g[g["run_id"].isin(_strongest_runs(g))]
         attacks = _attack_order(chosen["attack"])
         recs = []
@@ -317,23 +341,29 @@ def table(df):
             first = r.iloc[0]
             rec = {"model": first["model"], "defense": first["defense"] or "–",
                    "activation": first["activation"] or "–", "checkpoint": first["_sha"] or "–",
-                   "n": first["n_examples"], "clean": float(first["_clean"])}
+                   "n": first["n_examples"], "evaluation": first["evaluation"], "mode": first["mode"],
+                   "clean": float(first["_clean"])}
             acc = dict(zip(r["attack"], r["_robust"]))
             for a in attacks:
                 rec[a] = acc.get(a, math.nan)
             rec["worst case"] = acc.get(WORST_CASE, min((acc[a] for a in acc), default=math.nan))
             rec["run"] = run_id
             recs.append(rec)
-        t = pd.DataFrame(recs).sort_values(["worst case", "clean"], ascending=[False, False], na_position="last",
-                                           kind="stable").reset_index(drop=True)
+        t = pd.DataFrame(recs)
+        t["_weak"] = t["evaluation"] == WEAK
+        t = t.sort_values(["_weak", "worst case", "clean"], ascending=[True, False, False], na_position="last",
+                          kind="stable").drop(columns="_weak").reset_index(drop=True)
         sections.append((f"{dataset} · {norm} eps={format_eps(float(eps))}", t))
     return sections
 
 
+_TEXT_COLUMNS = ("model", "defense", "activation", "checkpoint", "n", "evaluation", "mode", "run")
+
+
 def render_markdown(df) -> str:
     lines = ["# advbench leaderboard", "",
-             "Robust accuracy (%) under each attack; *worst case* counts a sample as robust only if it "
-             "survives every attack. " + SELECTION_RULE + " "
+             "Robust accuracy (%) under each attack (in a cascade: after it and the attacks before it); "
+             "*worst case* counts a sample as robust only if it survives every attack. " + SELECTION_RULE + " "
              f"Rendered from `{CSV_NAME}` (the source of truth); do not edit by hand.", ""]
     sections = table(df)
     if not sections:
@@ -341,18 +371,25 @@ def render_markdown(df) -> str:
         return "\n".join(lines) + "\n"
     for title, t in sections:
         lines += [f"## {title}", ""]
-        acc_cols = [c for c in t.columns if c not in ("model", "defense", "activation", "checkpoint", "n", "run")]
-        header = ["#", "model", "defense", "activation", "checkpoint", "n"] + acc_cols + ["run"]
+        acc_cols = [c for c in t.columns if c not in _TEXT_COLUMNS]
+        header = ["#", "model", "defense", "activation", "checkpoint", "n", "evaluation"] + acc_cols + ["run"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join("---:" if h in acc_cols or h in ("#", "n") else "---" for h in header) + "|")
         for i, row in t.iterrows():
-            cells = [str(i + 1), str(row["model"]), str(row["defense"]), str(row["activation"]),
-                     f"`{row['checkpoint']}`" if row["checkpoint"] != "–" else "–", str(row["n"])]
-            cells += [pct(row[c], unit="") for c in acc_cols]
-            cells.append(f"`{row['run']}`")
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _markdown_cells(i, row, acc_cols)) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _markdown_cells(i: int, row, acc_cols: List[str]) -> List[str]:
+    """One model entry's cells: its worst case marked as an upper bound when it comes from weak
+    attacks only."""
+    weak = row["evaluation"] == WEAK
+    cells = [str(i + 1), str(row["model"]), str(row["defense"]), str(row["activation"]),
+             f"`{row['checkpoint']}`" if row["checkpoint"] != "–" else "–", str(row["n"]),
+             f"{row['evaluation']} ({row['mode']})"]
+    cells += [(UPPER_BOUND if weak and c == "worst case" else "") + pct(row[c], unit="") for c in acc_cols]
+    return cells + [f"`{row['run']}`"]
 
 
 _INTS = ("n_examples", "seed")

@@ -38,7 +38,7 @@ from .fileio import atomic_write_text, ensure_dir, not_a_file
 from .leaderboard import version
 from .runfolder import matching_run_ids, run_ids
 from .runtime import pct
-from .specs import ATTACK_SUITES, AttackSpec
+from .specs import ATTACK_SUITES, CASCADE, REFERENCE_SUITE, WEAK, AttackSpec, evaluation_kind
 from .threat import ThreatModel, format_eps
 
 
@@ -245,14 +245,27 @@ def _versions() -> Dict[str, str]:
 
 
 def autoattack_like(config: Dict[str, Any]) -> bool:
-    """Whether a run's attacks are the AutoAttack-style suite (`--suite standard`: APGD-CE and APGD-T
-    with at least its iterations), the only case its worst case may be called ``autoattack_acc``."""
-    need = {a["name"]: a.get("steps", 0) for a in ATTACK_SUITES["standard"]}
-    got: Dict[str, int] = {}
-    for a in config.get("attacks", []):
-        steps = (a.get("resolved") or {}).get("steps", (a.get("params") or {}).get("steps", 0))
-        got[a["name"]] = max(got.get(a["name"], 0), int(steps or 0))
-    return all(got.get(name, 0) >= steps for name, steps in need.items())
+    """Whether a run's worst case may be called ``autoattack_acc``: its attacks cover a reportable
+    suite (specs.evaluation_kind: AutoAttack's standard set on our engine, `--suite standard`) run
+    as a cascade, as AutoAttack runs it, or are the reference implementation (`--suite autoattack`)."""
+    kind = _evaluation(config)
+    return kind != WEAK and (config.get("mode") == CASCADE or kind == REFERENCE_SUITE)
+
+
+def _evaluation(config: Dict[str, Any]) -> str:
+    return evaluation_kind(a.get("resolved") or {} for a in config.get("attacks", []))
+
+
+def _footnote(config: Dict[str, Any], attacks: List[str], warnings: List[str]) -> str:
+    """What the worst case is over, and what it is worth (the suite's description, or an upper bound)."""
+    kind = _evaluation(config)
+    if kind == WEAK:
+        worth = " (not AutoAttack: weak attacks only, treat it as an upper bound)"
+    else:
+        worth = f" ({ATTACK_SUITES[kind].description}" + ("" if autoattack_like(config) else
+                                                          "; each attack run on every clean-correct sample") + ")"
+    masking = f"; masking warnings: {len(warnings)}" if warnings else ""
+    return "worst case over " + ", ".join(attacks) + worth + masking
 
 
 def robustbench_info(config: Dict[str, Any], summary: Dict[str, Any]) -> Dict[str, Any]:
@@ -275,10 +288,7 @@ def robustbench_info(config: Dict[str, Any], summary: Dict[str, Any]) -> Dict[st
         "reported": "", "worst_case_acc": worst, "attacks": list(t["attacks"]),
         **({"autoattack_acc": worst} if aa_like else {}),
         "unreliable": bool(summary.get("warnings")),
-        "footnote": ("worst case over " + ", ".join(t["attacks"]) +
-                     (" (AutoAttack-style: APGD-CE + APGD-T, without FAB-T and Square)" if aa_like else
-                      " (not AutoAttack: treat as an upper bound)") +
-                     (f"; masking warnings: {len(summary.get('warnings') or [])}" if summary.get("warnings") else "")),
+        "footnote": _footnote(config, list(t["attacks"]), summary.get("warnings") or []),
         "advbench": {
             "run_id": config.get("run_id"), "timestamp": config.get("timestamp"), "seed": config.get("seed"),
             "n_examples": summary.get("n_examples"), "device": config.get("device"),

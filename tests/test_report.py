@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from robustbench_lite.cli import app
 from robustbench_lite.errors import AdvbenchError
-from robustbench_lite.specs import ATTACK_SUITES, suite_attack_specs
+from robustbench_lite.specs import ATTACK_SUITES, AttackSpec, suite_attack_specs
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -24,11 +24,12 @@ def run(*args):
 
 def test_named_attack_suites():
     std = suite_attack_specs("standard")
-    assert [s.label for s in std] == ["apgd-ce", "apgd-t"]
+    assert [s.label for s in std][:2] == ["apgd-ce", "apgd-t"]
     assert std[0].params["steps"] == 100 and std[1].params["steps"] == 100
     assert std[1].params["n_target_classes"] == 9
     assert [s.label for s in suite_attack_specs("Quick")] == ["fgsm", "pgd-20"]
-    assert set(ATTACK_SUITES) == {"standard", "quick"}
+    assert [s.label for s in suite_attack_specs("autoattack")] == ["autoattack"]
+    assert {"standard", "quick", "autoattack"} <= set(ATTACK_SUITES)
     with pytest.raises(AdvbenchError, match="did you mean 'standard'"):
         suite_attack_specs("standrd")
 
@@ -120,20 +121,32 @@ def test_masked_model_warns_in_terminal_summary_and_leaderboard(tmp_path, traine
         assert all("masking:zero-gradient" in row["flags"] for row in csv.DictReader(f))
 
 
-def test_autoattack_acc_only_for_the_autoattack_style_suite():
+def test_autoattack_acc_only_for_the_standard_cascade_or_the_reference():
     from robustbench_lite.report import autoattack_like, robustbench_info
+    from robustbench_lite.threat import ThreatModel
 
-    accs = {"apgd-ce": {"robust_acc": 0.6}, "apgd-t": {"robust_acc": 0.5}}
-    summary = {"clean_acc": 0.9,
-               "threats": [{"norm": "linf", "eps": 0.3, "worst_case": {"robust_acc": 0.5}, "attacks": accs}]}
-    std = {"attacks": [{"label": "apgd-ce", "name": "apgd-ce", "resolved": {"steps": 100}},
-                       {"label": "apgd-t", "name": "apgd-t", "resolved": {"steps": 100}}]}
-    info = robustbench_info(std, summary)
-    assert autoattack_like(std) and info["autoattack_acc"] == info["worst_case_acc"] == "50.00"
-    weak = {"attacks": [dict(a, resolved={"steps": 5}) for a in std["attacks"]]}
-    assert not autoattack_like(weak) and "autoattack_acc" not in robustbench_info(weak, summary)
-    pgd = {"attacks": [{"label": "pgd", "name": "pgd", "resolved": {"steps": 1000}}]}
-    assert not autoattack_like(pgd)
+    def config(specs, mode):
+        return {"mode": mode, "attacks": [{"label": s.label, "name": s.name,
+                                           "resolved": s.build(ThreatModel("linf", 0.3)).config()} for s in specs]}
+
+    std = suite_attack_specs("standard")
+    summary = {"clean_acc": 0.9, "threats": [{"norm": "linf", "eps": 0.3, "worst_case": {"robust_acc": 0.5},
+                                              "attacks": {s.label: {"robust_acc": 0.5} for s in std}}]}
+    cascade = config(std, "cascade")
+    info = robustbench_info(cascade, summary)
+    assert autoattack_like(cascade) and info["autoattack_acc"] == info["worst_case_acc"] == "50.00"
+    assert ATTACK_SUITES["standard"].description in info["footnote"] and "upper bound" not in info["footnote"]
+    per_attack = config(std, "per-attack")  # the same worst case, but not run as AutoAttack runs it
+    info = robustbench_info(per_attack, summary)
+    assert not autoattack_like(per_attack) and "autoattack_acc" not in info
+    assert "each attack run on every clean-correct sample" in info["footnote"]
+    for i in range(len(std)):  # a standard attack missing, or with fewer iterations: not AutoAttack
+        assert not autoattack_like(config(std[:i] + std[i + 1:], "cascade"))
+        weaker = [AttackSpec(s.name, dict(s.params, steps=5), s.label) if j == i else s for j, s in enumerate(std)]
+        assert not autoattack_like(config(weaker, "cascade"))
+    assert not autoattack_like(config([AttackSpec("pgd", {"steps": 1000}, "pgd")], "cascade"))
+    reference = config(suite_attack_specs("autoattack"), "per-attack")
+    assert autoattack_like(reference) and "autoattack_acc" in robustbench_info(reference, summary)
 
 
 @pytest.fixture
