@@ -54,15 +54,9 @@ def _resume_command(argv: List[str], run_id: str) -> str:
     """The command line that continues an interrupted run: `attack ... --resume RUN_ID`, `run ... --resume`."""
     import shlex
 
-    args, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--resume":
-            skip = bool(argv) and argv[0] != "run"  # attack's --resume takes a value
-        elif not a.startswith("--resume="):
-            args.append(a)
-    args += ["--resume"] if args and args[0] == "run" else ["--resume", run_id]
+    suite = argv[:1] == ["run"]
+    args = _without(argv, {"--resume": not suite})  # attack's --resume takes a value, run's is a flag
+    args += ["--resume"] if suite else ["--resume", run_id]
     return shlex.join(["advbench", *args])
 
 
@@ -157,19 +151,22 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version_cal
 # --- list -------------------------------------------------------------------------------------
 @app.command("list")
 def list_cmd():
-    """List registered models, datasets, attacks, activations and defenses."""
+    """List registered models, datasets, attacks, attack suites, activations and defenses."""
     import attacks
     from defenses.activations import ACTIVATIONS
     from defenses.methods import METHODS
     from .data import DATASETS
     from .models import MODELS
+    from .specs import ATTACK_SUITES, mode_name
 
-    for title, reg in (("models", MODELS), ("datasets", DATASETS), ("attacks", attacks.ATTACKS),
-                       ("activations", ACTIVATIONS), ("defenses", METHODS)):
+    suites = [(name, f"{s.description} [{mode_name(s.cascade)}]") for name, s in ATTACK_SUITES.items()]
+    for title, rows in (("models", MODELS.describe()), ("datasets", DATASETS.describe()),
+                        ("attacks", attacks.ATTACKS.describe()), ("attack suites (--suite)", suites),
+                        ("activations", ACTIVATIONS.describe()), ("defenses", METHODS.describe())):
         t = Table(title=title, title_justify="left")
         t.add_column("name", style="bold")
         t.add_column("description")
-        for name, doc in reg.describe():
+        for name, doc in rows:
             t.add_row(name, doc)
         console.print(t)
 
@@ -351,52 +348,107 @@ def _print_json(obj) -> None:
     typer.echo(json.dumps(jsonable(obj), indent=2))
 
 
+CASCADE_CAPTION = "cascade: each attack ran on the samples the ones above it failed to fool; accuracy after it"
+UPPER_BOUND = "≤ "  # before a worst case from weak attacks only (as in the markdown leaderboard)
+
+
 def result_tables(record) -> list:
-    """Rich tables for a run (runs.RunRecord): per threat model, clean / each attack / worst case
-    with success rate, perturbation norm, seconds and img/s; plus an attack x eps table for a sweep."""
+    """Rich tables for a run (runs.RunRecord): per threat model, clean / each attack (in a cascade, the
+    accuracy after it) / worst case with success rate, perturbation norm, seconds and img/s; plus an
+    attack x eps table for a sweep. A worst case from weak attacks only is marked as an upper bound (≤)."""
     from rich.markup import escape
 
     from .runtime import pct
     from .threat import format_eps
 
     res, info = record.result, record.info
+    bound = "" if res.reportable else UPPER_BOUND
     out = []
     for t in res.threats:
         tab = Table(title=escape(f"{info['model']} on {info['dataset']} · {t.threat} · n={res.n_total} · "
                                  f"run {record.run_id}"),
-                    title_justify="left")
+                    title_justify="left", caption=CASCADE_CAPTION if t.cascade else None, caption_justify="left")
         for col, just in (("", "left"), ("accuracy", "right"), ("success rate", "right"),
                           ("mean ‖δ‖", "right"), ("seconds", "right"), ("img/s", "right")):
             tab.add_column(col, justify=just)
         tab.add_row("clean", pct(res.clean_acc), "", "", "", "")
-        for lab, r in t.attacks.items():
-            tab.add_row(escape(lab), pct(t.robust_acc(lab)), pct(r.success_rate),
+        for k, (lab, r) in enumerate(t.attacks.items()):
+            tab.add_row(escape(_row_label(lab, k, t.cascade)), pct(t.robust_acc(lab)), pct(r.success_rate),
                         "–" if r.mean_norm is None else f"{r.mean_norm:.4g}", f"{r.seconds:.2f}",
                         f"{r.images_per_s:.0f}")
         n_att = max(1, res.n_clean_correct)
-        tab.add_row("worst case", pct(t.worst_case_acc), pct(1 - int(t.robust_mask().sum()) / n_att), "",
+        tab.add_row("worst case", bound + pct(t.worst_case_acc), pct(1 - int(t.robust_mask().sum()) / n_att), "",
                     f"{t.seconds:.2f}", "", style="bold")
         out.append(tab)
     if len(res.threats) > 1:
         tab = Table(title=escape(f"robust accuracy: attack x eps ({info['model']} on {info['dataset']}, "
                                  f"n={res.n_total})"),
-                    title_justify="left")
+                    title_justify="left", caption=CASCADE_CAPTION if res.threats[0].cascade else None,
+                    caption_justify="left")
         tab.add_column("attack")
         for t in res.threats:
             tab.add_column(f"{t.threat.norm} {format_eps(t.threat.eps)}", justify="right")
         tab.add_row("clean", *[pct(res.clean_acc)] * len(res.threats))
-        for lab in res.attack_labels:
-            tab.add_row(escape(lab), *[pct(t.robust_acc(lab)) for t in res.threats])
-        tab.add_row("worst case", *[pct(t.worst_case_acc) for t in res.threats], style="bold")
+        for k, lab in enumerate(res.attack_labels):
+            tab.add_row(escape(_row_label(lab, k, res.threats[0].cascade)),
+                        *[pct(t.robust_acc(lab)) for t in res.threats])
+        tab.add_row("worst case", *[bound + pct(t.worst_case_acc) for t in res.threats], style="bold")
         out.append(tab)
     return out
+
+
+def _row_label(label: str, k: int, cascade: bool) -> str:
+    """An attack's row: in a cascade, the attacks after the first read ``+ label`` (accuracy after it too)."""
+    return f"+ {label}" if cascade and k else label
 
 
 def _report_run(record, out: Console) -> None:
     for t in result_tables(record):
         out.print(t)
+    if not record.result.reportable:
+        out.print(f"≤: the worst case is an upper bound (weak attacks only: {', '.join(record.result.attack_labels)} "
+                  f"do not include AutoAttack's standard set); for a reportable robust accuracy run "
+                  f"`{_reportable_command(record)}`", markup=False, highlight=False)
     out.print(f"run {record.run_id}: {record.run_dir}; leaderboard "
               f"{Path(record.run_dir).parent.parent / 'leaderboard.csv'}", markup=False, highlight=False)
+
+
+# attack's options that choose the attacks or the output (True: the option takes a value)
+_ATTACK_CHOICE = {"--attack": True, "-a": True, "--suite": True, "--steps": True, "--alpha": True,
+                  "--restarts": True, "--loss": True, "--cascade": False, "--per-attack": False, "--json": False,
+                  "--resume": True}
+
+
+def _reportable_command(record) -> str:
+    """The command that evaluates the run's model with `--suite standard`: this `attack` command with
+    its choice of attacks replaced, or for a suite's run (`advbench run`) one built from the run."""
+    import shlex
+
+    from .threat import format_eps
+
+    argv = (get_current_context().obj or {}).get("argv", [])
+    if argv[:1] == ["attack"]:
+        args = _without(argv, _ATTACK_CHOICE)
+    else:
+        res, info = record.result, record.info
+        eps = ",".join(format_eps(t.threat.eps) for t in res.threats)
+        args = ["attack", "--checkpoint", str(info["checkpoint"]), "--dataset", str(info["dataset"]), "--norm",
+                res.threats[0].threat.norm, "--eps", eps, "-n", str(res.n_total)]
+    return shlex.join(["advbench", *args, "--suite", "standard"])
+
+
+def _without(argv: List[str], options) -> List[str]:
+    """``argv`` without the ``options`` (name -> whether it takes a value), in both forms
+    (``--opt value`` and ``--opt=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = options[a]
+        elif not any(a.startswith(f"{o}=") for o in options if options[o]):
+            out.append(a)
+    return out
 
 
 @app.command("attack")
@@ -407,10 +459,20 @@ def attack_cmd(
     eps: str = typer.Option(..., "--eps", help="Budget in pixel units (8/255, 0.3), or a sweep: 2/255,4/255,8/255."),
     norm: str = typer.Option("linf", "--norm", help="linf or l2."),
     attack: Optional[str] = typer.Option(None, "--attack", "-a",
-                                         help="Comma-separated attacks (default fgsm,bim,pgd)."),
-    suite: Optional[str] = typer.Option(None, "--suite", help="A named attack list instead of --attack: standard "
-                                                             "(apgd-ce + apgd-t, 100 iterations: AutoAttack-style "
-                                                             "worst case) or quick (fgsm + pgd-20)."),
+                                         help="Comma-separated attacks (default fgsm,bim,pgd: weak attacks, their "
+                                              "worst case is an upper bound; see --suite standard)."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="A named attack suite instead of --attack: standard "
+                                                             "(AutoAttack's standard version on our engine, as a "
+                                                             "cascade: the reportable worst case), quick (fgsm + "
+                                                             "pgd-20) or autoattack (the reference implementation: "
+                                                             "pip install 'advbench[autoattack]'); `advbench list` "
+                                                             "describes each."),
+    cascade: bool = typer.Option(False, "--cascade", help="Each attack only on the samples every earlier one failed "
+                                                          "to fool (AutoAttack's cascade; the accuracy after each is "
+                                                          "reported). The default of --suite standard."),
+    per_attack: bool = typer.Option(False, "--per-attack", help="Each attack on all clean-correct samples: every "
+                                                                "attack's own robust accuracy. The default of "
+                                                                "--attack lists."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps of the iterative attacks (default per attack: "
                                                               "bim 10, pgd 10, apgd-* 100; see `advbench list`)."),
     alpha: Optional[str] = typer.Option(None, "--alpha", help="Step size of the iterative attacks, e.g. 2/255 "
@@ -446,23 +508,16 @@ def attack_cmd(
                                          help="Continue an interrupted run (its id, or a unique prefix) with the "
                                               "same options: its finished batches are kept, the rest is attacked."),
 ):
-    """Accuracy under FGSM / BIM / PGD: clean, per attack, worst case; recorded in the leaderboard."""
+    """Accuracy under attack (default FGSM / BIM / PGD; --suite standard: AutoAttack's): clean, per attack,
+    worst case; recorded in the leaderboard."""
     from .runs import RunSpec, execute_run
-    from .runtime import FastPaths, parse_amp
-    from .specs import resolve_threats, suite_attack_specs, with_overrides
+    from .runtime import FastPaths
+    from .specs import resolve_threats
 
     threats = resolve_threats(eps=eps, norm=norm)
-    if suite is not None:
-        clash = [o for o, v in (("--attack", attack), ("--steps", steps), ("--alpha", alpha),
-                                ("--restarts", restarts), ("--loss", loss)) if v is not None]
-        if clash:
-            raise AdvbenchError(f"--suite {suite} and {', '.join(clash)} conflict: a suite fixes its attacks and "
-                                f"their settings (drop --suite to choose attacks yourself)")
-        specs = suite_attack_specs(suite, amp=parse_amp(amp))
-    else:
-        specs = with_overrides(attack or "fgsm,bim,pgd", steps=steps, alpha=alpha, restarts=restarts, loss=loss,
-                               amp=parse_amp(amp))
-    spec = RunSpec(model=model, checkpoint=checkpoint, dataset=dataset, threats=threats, attacks=specs,
+    specs, cascade = _attack_choice(suite, attack, dict(steps=steps, alpha=alpha, restarts=restarts, loss=loss),
+                                    amp, cascade, per_attack)
+    spec = RunSpec(model=model, checkpoint=checkpoint, dataset=dataset, threats=threats, attacks=specs, cascade=cascade,
                    n_examples=n_examples, batch_size=batch_size, device=device, seed=seed, results_dir=results_dir,
                    data_dir=data_dir, download=download, fast=FastPaths(channels_last=channels_last, compile=compile),
                    flags=[f"attack-suite={suite.strip().lower()}"] if suite else [],
@@ -475,6 +530,27 @@ def attack_cmd(
         _print_json(record.summary())
     else:
         _report_run(record, out)
+
+
+def _attack_choice(suite: Optional[str], attack: Optional[str], settings, amp: Optional[str], cascade: bool,
+                   per_attack: bool):
+    """(attack specs, cascade?) of `attack`: a named suite (its own settings, a cascade when the suite
+    runs as one) or an attack list with the settings given once for all (per attack unless --cascade)."""
+    from .runtime import parse_amp
+    from .specs import attack_suite, with_overrides
+
+    if cascade and per_attack:
+        raise AdvbenchError("--cascade and --per-attack conflict: choose one (a cascade attacks only the samples "
+                            "the earlier attacks failed to fool; --per-attack attacks all clean-correct samples)")
+    if suite is None:
+        specs = with_overrides(attack or "fgsm,bim,pgd", amp=parse_amp(amp), **settings)
+        return specs, cascade
+    clash = [f"--{k}" for k, v in (("attack", attack), *settings.items()) if v is not None]
+    if clash:
+        raise AdvbenchError(f"--suite {suite} and {', '.join(clash)} conflict: a suite fixes its attacks and "
+                            f"their settings (drop --suite to choose attacks yourself)")
+    chosen = attack_suite(suite)
+    return chosen.specs(amp=parse_amp(amp)), cascade or (chosen.cascade and not per_attack)
 
 
 @app.command("leaderboard")
