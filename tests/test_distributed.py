@@ -45,6 +45,25 @@ def test_ddp_attack_equals_single_process(tmp_path, zoo_smallcnn):
     assert "ddp=2" in rows[-1]
 
 
+def test_ddp_cascade_equals_single_process(tmp_path, zoo_smallcnn):
+    """Each rank cascades over its shard: the survivors of attack k are the same samples as in one
+    process, since outcomes are per sample; the merged outcomes say which attacks ran on which sample."""
+    args = ["attack", "--model", "smallcnn", "--eps", "0.1,0.2", "--n-examples", "120", "--attack", "fgsm,bim,pgd",
+            "--steps", "3", "--cascade", "--results-dir", "res", "--device", "cpu", "--json", "--batch-size", "25",
+            "--no-masking-checks"]
+    single = _single(args, tmp_path)
+    assert single.returncode == 0, single.stderr
+    ddp = _torchrun(args, tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = json.loads(single.stdout), json.loads(ddp.stdout)
+    assert a["mode"] == b["mode"] == "cascade" and _strip(a) == _strip(b)
+    for ta, tb in zip(a["threats"], b["threats"]):
+        assert [x["n_attacked"] for x in ta["attacks"].values()] == [x["n_attacked"] for x in tb["attacks"].values()]
+    assert a["threats"][0]["attacks"]["pgd"]["n_attacked"] < a["threats"][0]["attacks"]["fgsm"]["n_attacked"]
+    outcomes = [(tmp_path / "res" / "runs" / s["run_id"] / "outcomes.csv").read_text() for s in (a, b)]
+    assert outcomes[0] == outcomes[1]
+
+
 def _metrics(path):
     import csv
 
