@@ -21,7 +21,7 @@ from robustbench_lite.specs import (ATTACK_SUITES, CASCADE, PER_ATTACK, WEAK, At
                                     parse_attack_specs, suite_attack_specs)
 from robustbench_lite.threat import ThreatModel
 from test_evaluator import tiny_data, tiny_model
-from test_resume_eval import StoppingJournal
+from test_resume_eval import StoppingJournal, invoke_stopped
 
 runner = CliRunner()
 ATTACKS4 = [{"name": "fgsm"}, {"name": "bim", "steps": 3}, {"name": "pgd", "steps": 3, "restarts": 2},
@@ -252,17 +252,8 @@ def test_a_resumed_cascade_keeps_its_mode(trained_smallcnn_path, tmp_path, monke
     straight = tmp_path / "straight"
     assert attack(trained_smallcnn_path, straight, *args).exit_code == 0
     results = tmp_path / "results"
-    real, calls = Journal.record, []
-
-    def record_then_stop(self, *a):
-        real(self, *a)
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Journal, "record", record_then_stop)
-    r = attack(trained_smallcnn_path, results, *args)
-    monkeypatch.setattr(Journal, "record", real)
+    r = invoke_stopped(monkeypatch, ["attack", "--checkpoint", trained_smallcnn_path, "--results-dir", results,
+                                     "--device", "cpu", *args], 4)
     (run_dir,) = (results / "runs").iterdir()
     assert r.exit_code == 130 and f"error: interrupted; 4 of at most 9 batches of run {run_dir.name}" in r.stderr
     line = error_line(attack(trained_smallcnn_path, results, *args[:-2], "--per-attack", "--no-masking-checks",

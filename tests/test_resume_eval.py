@@ -188,23 +188,30 @@ def test_ctrl_c_and_sigterm_say_what_was_kept_in_one_line(tmp_path, trained_smal
 
 
 # --- resume errors (in process) -------------------------------------------------------------------------------
-@pytest.fixture
-def interrupted_run(tmp_path, trained_smallcnn_path, monkeypatch):
-    """An attack run stopped (KeyboardInterrupt) after 3 saved batches: (results, run id, args)."""
-    results = tmp_path / "results"
-    args = attack_args(trained_smallcnn_path, results, "-n", "100", "--batch-size", "20")
+def invoke_stopped(monkeypatch, args, stop: int):
+    """`advbench ARGS` in process, 'killed' (KeyboardInterrupt) right after its ``stop``-th saved batch."""
     real = Journal.record
     calls = []
 
     def record_then_stop(self, *a):
         real(self, *a)
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == stop:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Journal, "record", record_then_stop)
-    r = runner.invoke(app, args)
-    monkeypatch.setattr(Journal, "record", real)
+    try:
+        return runner.invoke(app, [str(a) for a in args])
+    finally:
+        monkeypatch.setattr(Journal, "record", real)
+
+
+@pytest.fixture
+def interrupted_run(tmp_path, trained_smallcnn_path, monkeypatch):
+    """An attack run stopped (KeyboardInterrupt) after 3 saved batches: (results, run id, args)."""
+    results = tmp_path / "results"
+    args = attack_args(trained_smallcnn_path, results, "-n", "100", "--batch-size", "20")
+    r = invoke_stopped(monkeypatch, args, 3)
     assert r.exit_code == 130, r.output
     (run,) = run_folders(results)
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: interrupted; 3 of 10 batches of run {run.name} are saved")
@@ -270,18 +277,8 @@ def test_run_suite_resume_skips_complete_models_and_resumes_the_unfinished_one(t
     assert r.exit_code == 0, r.output
 
     results = tmp_path / "results"
-    real = Journal.record
-    calls = []
-
-    def stop_in_the_second_model(self, *a):
-        real(self, *a)
-        calls.append(1)
-        if len(calls) == 6 + 2:  # model 1: 2 attacks x 3 batches; then 2 batches of model 2
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Journal, "record", stop_in_the_second_model)
-    r = runner.invoke(app, ["run", str(suite), "--results-dir", str(results)])
-    monkeypatch.setattr(Journal, "record", real)
+    # stopped in the second model: model 1 saves 2 attacks x 3 batches, then 2 batches of model 2
+    r = invoke_stopped(monkeypatch, ["run", suite, "--results-dir", results], 6 + 2)
     assert r.exit_code == 130
     (first,) = {x["run_id"] for x in leaderboard_rows(results)}
     (second,) = {p.name for p in run_folders(results)} - {first}
