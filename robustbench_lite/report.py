@@ -38,7 +38,7 @@ from .fileio import atomic_write_text, ensure_dir, not_a_file
 from .leaderboard import version
 from .runfolder import matching_run_ids, run_ids
 from .runtime import pct
-from .specs import ATTACK_SUITES, CASCADE, REFERENCE_SUITE, WEAK, AttackSpec, evaluation_kind
+from .specs import ATTACK_SUITES, CASCADE, PER_ATTACK, REFERENCE_SUITE, WEAK, AttackSpec, evaluation_kind
 from .threat import ThreatModel, format_eps
 
 
@@ -362,6 +362,16 @@ def _write_report(path: Path, config: Dict[str, Any], summary: Dict[str, Any], t
     return {"run_dir": str(path), "files": [str(f) for f in files], "notes": notes}
 
 
+def _evaluation_line(summary: Dict[str, Any]) -> str:
+    """How the attacks ran and what the worst case is worth (runs older than these fields: per-attack, weak)."""
+    mode, kind = summary.get("mode", PER_ATTACK), summary.get("evaluation", WEAK)
+    how = ("each attack on the samples the ones before it failed to fool; its accuracy is the one after it"
+           if mode == CASCADE else "each attack on every clean-correct sample")
+    worth = ("an upper bound from weak attacks only (AutoAttack's standard set: `--suite standard`)" if kind == WEAK
+             else f"reportable ({ATTACK_SUITES[kind].description})")
+    return f"- evaluation: {kind}, {mode} ({how}); the worst case is {worth}"
+
+
 def report_markdown(config: Dict[str, Any], summary: Dict[str, Any], ex: Optional[Dict[str, Any]],
                     tcsv: Optional[Path], notes: List[str]) -> List[str]:
     """The lines of report.md: the run, masking warnings, robust accuracy per threat, the attacks'
@@ -372,7 +382,7 @@ def report_markdown(config: Dict[str, Any], summary: Dict[str, Any], ex: Optiona
              f"(sha256 {config.get('checkpoint_sha256')})",
              f"- dataset: {config.get('dataset')} test split, n={summary.get('n_examples')}, "
              f"seed {config.get('seed')}, device {config.get('device')}, advbench {config.get('version')}",
-             f"- clean accuracy: **{pct(summary.get('clean_acc'))}**", ""]
+             f"- clean accuracy: **{pct(summary.get('clean_acc'))}**", _evaluation_line(summary), ""]
     warns = summary.get("warnings") or []
     if warns:
         lines += ["## Gradient-masking warnings", ""] + [f"- ⚠ {w}" for w in warns] + [""]

@@ -74,7 +74,7 @@ class RunSpec:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         check_seed(self.seed)
         if not isinstance(self.cascade, bool):
-            raise SettingError(f"{{cascade}} must be true or false (got {self.cascade!r})", "cascade")
+            raise SettingError(f"{{cascade}} must be True or False (got {self.cascade!r})", "cascade")
         if not self.model and not self.checkpoint:
             raise SettingError("give {model} (the zoo baseline is used) or {checkpoint}", "model", "checkpoint")
         if self.model:

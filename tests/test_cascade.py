@@ -112,6 +112,18 @@ def test_a_killed_cascade_resumes_to_the_uninterrupted_numbers(setup, tmp_path, 
     assert journal.count() == journal.total == n_batches and journal.exact is False
 
 
+def test_progress_counts_the_samples_each_attack_of_a_cascade_runs_on(setup):
+    model, x, y, ids = setup
+    calls = []
+    res = evaluate(model, x, y, ATTACKS4, THREATS[0], batch_size=8, sample_ids=ids, cascade=True,
+                   on_progress=lambda threat, label, done, total: calls.append((label, done, total)))
+    for lab, r in res.threats[0].attacks.items():
+        mine = [(done, total) for label, done, total in calls if label == lab]
+        assert {total for _, total in mine} == {r.n_attacked}  # the bar of attack k counts its survivors
+        assert mine[0][0] == 0 and mine[-1][0] == r.n_attacked
+        assert all(a <= b for (a, _), (b, _) in zip(mine, mine[1:]))
+
+
 def test_cumulative_view_reads_a_cascade_as_standalone_attacks(setup):
     model, x, y, ids = setup
     cas = evaluate(model, x, y, ATTACKS4, THREATS[0], sample_ids=ids, cascade=True)
@@ -129,7 +141,7 @@ def test_cascade_must_be_a_bool(setup):
     model, x, y, _ = setup
     with pytest.raises(SettingError, match=r"^cascade must be True or False \(got 'yes'\)"):
         evaluate(model, x, y, "fgsm", THREATS[0], cascade="yes")
-    with pytest.raises(SettingError, match=r"^cascade must be true or false \(got 1\)"):
+    with pytest.raises(SettingError, match=r"^cascade must be True or False \(got 1\)"):
         RunSpec(model="smallcnn", threats=THREATS[:1], attacks=parse_attack_specs("fgsm"), cascade=1)
 
 

@@ -78,6 +78,8 @@ def test_report_writes_plots_markdown_and_robustbench_json(quick_run, tmp_path):
     md = (run_dir / "report.md").read_text()
     assert "![robustness curve](robustness_curve.png)" in md and "![examples](examples.png)" in md
     assert "| linf 0.05 |" in md and "pgd-20" in md
+    assert ("- evaluation: weak, per-attack (each attack on every clean-correct sample); the worst case is an upper "
+            "bound from weak attacks only (AutoAttack's standard set: `--suite standard`)") in md
     info = json.loads(rb.read_text())
     assert info == json.loads((run_dir / "robustbench.json").read_text())
     for key in ("name", "dataset", "eps", "clean_acc", "worst_case_acc", "attacks", "architecture",
