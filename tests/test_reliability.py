@@ -476,7 +476,7 @@ CASES = [
      corrupt_leaderboard("missing-columns")),
     ("leaderboard-truncated", L, "error: {R}/leaderboard.csv is corrupt: its last row is incomplete",
      corrupt_leaderboard("truncated")),
-    ("leaderboard-short-row", L, "error: {R}/leaderboard.csv is corrupt: record 2 has 3 fields, the header has 26",
+    ("leaderboard-short-row", L, "error: {R}/leaderboard.csv is corrupt: record 2 has 3 fields, the header has " + str(len(lb.COLUMNS)),
      corrupt_leaderboard("short-row")),
     ("leaderboard-not-utf8", L, "error: {R}/leaderboard.csv is corrupt (", corrupt_leaderboard("not-utf8")),
     ("leaderboard-not-a-number", L, "error: {R}/leaderboard.csv is corrupt: row 2 has eps='zero.one' (not a number)",
