@@ -129,9 +129,23 @@ def resolve_threats(threats: Union[ThreatModel, Sequence[ThreatModel], None] = N
 
 
 def build_attacks(specs: Sequence[AttackSpec], threats: Sequence[ThreatModel], seed: int = 0):
-    """Build every (threat, attack) once: bad parameters fail here, before any model work.
-    Returns {(threat, label): Attack}."""
-    return {(t, s.label): s.build(t, seed) for t in threats for s in specs}
+    """Build every (threat, attack) of an evaluation once: bad parameters fail here, before any
+    model work. Returns {(threat, label): Attack}."""
+    built = {(t, s.label): s.build(t, seed) for t in threats for s in specs}
+    for (_, label), atk in built.items():
+        _check_eval_mode(label, atk)
+    return built
+
+
+def _check_eval_mode(label: str, atk: Any) -> None:
+    """An evaluation attacks the model in eval mode: model_mode="train" would make every forward
+    use batch statistics and overwrite the BatchNorm running statistics of the model under
+    evaluation (it is for adversarial training's inner attack, which builds its attack itself)."""
+    mode = getattr(getattr(atk, "settings", None), "model_mode", "eval")
+    if mode != "eval":
+        raise AdvbenchError(f"invalid model_mode={mode!r} for attack {label!r}: an evaluation attacks the model in "
+                            f"eval mode (train mode would overwrite the BatchNorm running statistics of the model "
+                            f"under evaluation; it is for adversarial training)")
 
 
 def with_overrides(names: Union[str, Iterable[Any]], steps: Optional[int] = None, alpha: Optional[str] = None,
@@ -170,10 +184,14 @@ def with_overrides(names: Union[str, Iterable[Any]], steps: Optional[int] = None
 # Named attack lists for `advbench attack --suite NAME`.
 #   standard: APGD-CE + APGD-T (100 iterations each, 9 target classes): a fast AutoAttack-style
 #             worst case (Croce & Hein, ICML 2020; AutoAttack without FAB-T and Square).
+#   rand:     APGD-CE + APGD-DLR with EOT over 20 gradient samples (AutoAttack's version='rand'),
+#             for randomised defences.
 #   quick:    FGSM + PGD-20: a cheap sanity check.
 ATTACK_SUITES: Dict[str, List[Dict[str, Any]]] = {
     "standard": [{"name": "apgd-ce", "steps": 100, "label": "apgd-ce"},
                  {"name": "apgd-t", "steps": 100, "n_target_classes": 9, "label": "apgd-t"}],
+    "rand": [{"name": "apgd-ce", "steps": 100, "eot": 20, "label": "apgd-ce"},
+             {"name": "apgd-dlr", "steps": 100, "eot": 20, "label": "apgd-dlr"}],
     "quick": [{"name": "fgsm", "label": "fgsm"}, {"name": "pgd", "steps": 20, "label": "pgd-20"}],
 }
 
