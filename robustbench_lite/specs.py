@@ -24,7 +24,10 @@ WORST_CASE = "worst-case"
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """An attack by registry name with parameter overrides; ``label`` names it in results."""
+    """An attack of an evaluation by registry name with parameter overrides; ``label`` names it in
+    results. It attacks the model in eval mode: model_mode="train" is refused (it would make every
+    forward use batch statistics and overwrite the BatchNorm running statistics of the model under
+    evaluation; adversarial training's inner attack, which takes it, is built by the engine)."""
 
     name: str
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -34,9 +37,14 @@ class AttackSpec:
     def build(self, threat: ThreatModel, seed: int = 0):
         params = dict(self.params)
         params.setdefault("seed", seed)
-        if self.factory is not None:
-            return self.factory(threat=threat, **params)
-        return attacks.create(self.name, threat=threat, **params)
+        atk = self.factory(threat=threat, **params) if self.factory is not None else \
+            attacks.create(self.name, threat=threat, **params)
+        mode = getattr(getattr(atk, "settings", None), "model_mode", "eval")
+        if mode != "eval":
+            raise AdvbenchError(f"invalid model_mode={mode!r} for attack {self.label or self.name!r}: an evaluation "
+                                f"attacks the model in eval mode (train mode would overwrite the BatchNorm running "
+                                f"statistics of the model under evaluation; it is for adversarial training)")
+        return atk
 
 
 def _auto_label(name: str, params: Mapping[str, Any]) -> str:
@@ -129,23 +137,9 @@ def resolve_threats(threats: Union[ThreatModel, Sequence[ThreatModel], None] = N
 
 
 def build_attacks(specs: Sequence[AttackSpec], threats: Sequence[ThreatModel], seed: int = 0):
-    """Build every (threat, attack) of an evaluation once: bad parameters fail here, before any
-    model work. Returns {(threat, label): Attack}."""
-    built = {(t, s.label): s.build(t, seed) for t in threats for s in specs}
-    for (_, label), atk in built.items():
-        _check_eval_mode(label, atk)
-    return built
-
-
-def _check_eval_mode(label: str, atk: Any) -> None:
-    """An evaluation attacks the model in eval mode: model_mode="train" would make every forward
-    use batch statistics and overwrite the BatchNorm running statistics of the model under
-    evaluation (it is for adversarial training's inner attack, which builds its attack itself)."""
-    mode = getattr(getattr(atk, "settings", None), "model_mode", "eval")
-    if mode != "eval":
-        raise AdvbenchError(f"invalid model_mode={mode!r} for attack {label!r}: an evaluation attacks the model in "
-                            f"eval mode (train mode would overwrite the BatchNorm running statistics of the model "
-                            f"under evaluation; it is for adversarial training)")
+    """Build every (threat, attack) once: bad parameters fail here, before any model work.
+    Returns {(threat, label): Attack}."""
+    return {(t, s.label): s.build(t, seed) for t in threats for s in specs}
 
 
 def with_overrides(names: Union[str, Iterable[Any]], steps: Optional[int] = None, alpha: Optional[str] = None,

@@ -12,6 +12,7 @@ from robustbench_lite import evaluator, masking
 from robustbench_lite.errors import AdvbenchError
 from robustbench_lite.evaluator import AttackResult, EvalResult, ThreatResult, evaluate, predict
 from robustbench_lite.specs import ATTACK_SUITES, suite_attack_specs
+from robustbench_lite.suite import load_suite
 from robustbench_lite.threat import ThreatModel
 
 APGD = ("apgd-ce", "apgd-dlr", "apgd-t")
@@ -275,11 +276,19 @@ class BNNet(nn.Module):
         return self.body(x)
 
 
-def test_evaluation_refuses_train_mode_attacks_and_leaves_batchnorm_statistics_alone():
+def test_evaluation_refuses_train_mode_attacks_and_leaves_batchnorm_statistics_alone(tmp_path):
     """Fault 6: model_mode="train" in an evaluation attack spec used to run the model in train mode
     and overwrite the BatchNorm running statistics of the model under evaluation. It is refused,
-    naming the parameter, before any forward; adversarial training keeps train mode through the
-    engine directly."""
+    naming the parameter, before any forward (and in a YAML suite, with its line); adversarial
+    training keeps train mode through the engine directly."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text("models: [smallcnn]\nthreats: [{norm: linf, eps: 0.1}]\nattacks:\n  - fgsm\n"
+                     "  - {name: pgd, model_mode: train}\n")
+    with pytest.raises(AdvbenchError) as info:
+        load_suite(suite)
+    assert str(info.value) == (f"{suite}: line 5: invalid model_mode='train' for attack 'pgd': an evaluation attacks "
+                               f"the model in eval mode (train mode would overwrite the BatchNorm running statistics "
+                               f"of the model under evaluation; it is for adversarial training)")
     model = BNNet().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.rand(8, 1, 6, 6), torch.zeros(8, dtype=torch.long)
