@@ -19,9 +19,10 @@ Keep rules (the engine's ``keep``):
 
 ``fooled`` is always whether the KEPT iterate fools, so a sample counted fooled is returned with
 a point that fools, and a sample whose kept iterate does not fool gets its restarts (keep="last":
-a sample whose last iterate does not fool is not fooled, whatever an earlier iterate did). A walk runs on samples that no earlier walk has fooled (restarts, APGD-T's targets),
-and since its kept iterates start from Kept, a restart replaces a sample's result only with a
-higher-loss or a fooling iterate (first-fool, best-loss).
+a sample whose last iterate does not fool is not fooled, whatever an earlier iterate did). A walk
+runs on samples that no earlier walk has fooled (restarts, APGD-T's targets), and since its kept
+iterates start from Kept, a restart replaces a sample's result only with a higher-loss or a
+fooling iterate (first-fool, best-loss).
 """
 from __future__ import annotations
 

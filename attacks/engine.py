@@ -28,10 +28,10 @@ A sample counts as fooled when the iterate it keeps fools, so a sample counted f
 returned with a point that fools (and one that is not gets its restarts). Iterate 0 is the
 starting point: without a random start, a sample the model already gets wrong is returned
 unperturbed under first-fool. With early_stop=True a sample leaves the working batch as soon as
-it is fooled (the batch shrinks); restarts run only on samples that are not fooled. Without a random start, restarts would repeat the same walk and are skipped. The
-bookkeeping (the kept iterate per sample, the shrinking working batch) is attacks.bookkeeping's,
-shared with APGD; a step of the walk reads: loss and gradient, offer the iterate, drop the
-fooled, step and project.
+it is fooled (the batch shrinks); restarts run only on samples that are not fooled. Without a
+random start, restarts would repeat the same walk and are skipped. The bookkeeping (the kept
+iterate per sample, the shrinking working batch) is attacks.bookkeeping's, shared with APGD; a
+step of the walk reads: loss and gradient, offer the iterate, drop the fooled, step and project.
 
 Settings. An attack's settings are one frozen AttackConfig (steps, alpha, random_start, restarts,
 loss, targeted, seed, early_stop, keep, model_mode, amp, eot): the engine's defaults are its field
@@ -60,9 +60,10 @@ model_mode="train" (adversarial training with BatchNorm in train mode) makes eve
 batch statistics, so a sample's result depends on its batch: use it with early_stop=False.
 
 Costs: one step is one forward and one backward to the INPUT (``eot`` of each with EOT;
-parameters' requires_grad is off during the attack); the loss is summed over the batch. The inner loop synchronises with the
-device only to shrink the batch (early_stop=True), once per step; the input check (images
-finite and in [0, 1]) adds one sync per call.
+parameters' requires_grad is off during the attack); the loss is summed over the batch. The
+inner loop synchronises with the device only to shrink the batch (early_stop=True), once per
+step, and under bf16 to confirm fooling in float32; the input check (images finite and in
+[0, 1]) adds one sync per call.
 """
 from __future__ import annotations
 

@@ -292,7 +292,8 @@ def test_evaluation_refuses_train_mode_attacks_and_leaves_batchnorm_statistics_a
     model = BNNet().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.rand(8, 1, 6, 6), torch.zeros(8, dtype=torch.long)
-    for spec in ({"name": "pgd", "model_mode": "train", "steps": 2}, attacks.create("bim", eps=0.1, model_mode="Train")):
+    for spec in ({"name": "pgd", "model_mode": "train", "steps": 2},
+                 attacks.create("bim", eps=0.1, model_mode="Train")):
         with pytest.raises(AdvbenchError) as info:
             evaluate(model, x, y, [spec], ThreatModel("linf", 0.1), batch_size=8)
         assert str(info.value).startswith("invalid model_mode='train' for attack ")
