@@ -410,7 +410,9 @@ def attack_cmd(
                                          help="Comma-separated attacks (default fgsm,bim,pgd)."),
     suite: Optional[str] = typer.Option(None, "--suite", help="A named attack list instead of --attack: standard "
                                                              "(apgd-ce + apgd-t, 100 iterations: AutoAttack-style "
-                                                             "worst case) or quick (fgsm + pgd-20)."),
+                                                             "worst case), rand (apgd-ce + apgd-dlr with EOT over "
+                                                             "20 gradient samples: randomised defences) or quick "
+                                                             "(fgsm + pgd-20)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps of the iterative attacks (default per attack: "
                                                               "bim 10, pgd 10, apgd-* 100; see `advbench list`)."),
     alpha: Optional[str] = typer.Option(None, "--alpha", help="Step size of the iterative attacks, e.g. 2/255 "
