@@ -28,7 +28,7 @@ def test_named_attack_suites():
     assert std[0].params["steps"] == 100 and std[1].params["steps"] == 100
     assert std[1].params["n_target_classes"] == 9
     assert [s.label for s in suite_attack_specs("Quick")] == ["fgsm", "pgd-20"]
-    assert set(ATTACK_SUITES) == {"standard", "quick"}
+    assert set(ATTACK_SUITES) == {"standard", "rand", "quick"}
     with pytest.raises(AdvbenchError, match="did you mean 'standard'"):
         suite_attack_specs("standrd")
 
