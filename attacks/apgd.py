@@ -14,32 +14,41 @@ p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), the step size of a sample is ha
 walk restarts from its best point x_max, when
   (a) fewer than rho (0.75) of the steps since the last checkpoint increased f, or
   (b) its step size and its best loss f_max did not change since the last checkpoint.
-After such a restart the momentum term is zero (x^(k-1) := x_max).
+After such a restart the momentum term of the next step is x_max - x^(k-1) (x^(k-1) is kept, as
+the reference implementation does: fra31/auto-attack, autopgd_base.py).
 
 Losses: ``apgd-ce`` cross-entropy; ``apgd-dlr`` the Difference of Logits Ratio (shift and scale
 invariant); ``apgd-t`` runs, for each of the top-k (default 9) classes t != y by clean logit,
 APGD with the targeted DLR loss towards t on the samples that survived the previous targets.
 A sample counts as fooled when its prediction is not y (for apgd-t too: the target is a means),
-or, when ``target=`` is passed to the call, when its prediction is the target.
+or, when ``target=`` is passed to the call, when its prediction is the target. The fooling test of
+an iterate, and the record of a fooling iterate, come right after the forward pass that evaluated
+it, before a checkpoint may send the walk back to x_max (as the reference records x_best_adv).
+
+Random starts: each of apgd-ce, apgd-dlr and apgd-t draws from rng streams of its own
+(``start_stream``; restart r of target t: start_stream + t * restarts + r), apart from PGD's.
+With ``eot`` > 1 (EOT, for randomised models) every gradient is the mean over eot passes; the
+loss and the fooling test of an iterate come from the last pass, as the reference's eot_iter.
 
 Why a walk of its own rather than the engine's (attacks.engine.Attack._walk): APGD carries
 per-sample state that PGD does not have — a step size per sample, the previous iterate for the
 momentum, counters of loss increases between checkpoints, the best point and its gradient for
 restarts — and changes the step size and the iterate per sample at the checkpoints. Folding
 that into the engine would complicate FGSM/BIM/PGD's loop for one attack. A step of the walk
-reads: offer the iterate, drop the fooled, momentum step, loss and gradient, best point, and at a
+reads: drop the fooled, momentum step, loss and gradient, offer the iterate, best point, and at a
 checkpoint the step-size rule (APGD._checkpoint). Everything else is the engine's: the call
 contract and input checks (Attack.__call__), the settings (APGDConfig extends AttackConfig with
 rho and momentum), attack_mode (eval mode, frozen parameters, restored on exit), the counted
-forward and backward (Attack._forward, _loss_and_grad, with optional bf16), target selection
+forward and backward (Attack._forward, _loss_and_grad, with optional bf16 and EOT), the float32
+confirmation of fooling under bf16 (Attack.confirm_fooled), the verdicts (Attack._answer), target selection
 (Attack._labels), the per-sample bookkeeping (attacks.bookkeeping: the walk's state is a
 WorkingBatch, whose tensors shrink together), the geometry and random starts keyed by sample id
 (robustbench_lite.threat / rng) and the losses (attacks.losses). Bookkeeping follows the
 engine's ``first-fool``: a sample's first fooling iterate is returned, else its highest-loss
 iterate; fooled samples leave the batch (early_stop=True), restarts run only on survivors.
 
-Costs: steps + 1 forwards per restart (the gradient of the last iterate is not needed, so it
-gets a no-grad forward) and ``steps`` backwards to the input, on a shrinking batch.
+Costs: steps * eot + 1 forwards per restart (the gradient of the last iterate is not needed, so
+it gets one no-grad forward) and steps * eot backwards to the input, on a shrinking batch.
 """
 from __future__ import annotations
 
@@ -60,6 +69,10 @@ from .engine import ATTACKS, Attack, AttackConfig, Objective, check_count
 # APGD-T attacks one target class after the other (AutoAttack: 9), each costing a full walk; the
 # class count less one bounds it anyway (ImageNet: 999), so more than this is a typo.
 MAX_TARGET_CLASSES = 1_000
+# The rng streams of APGD's random starts: each attack's own block of STREAM_BLOCK streams (APGD-T
+# uses up to MAX_TARGET_CLASSES * MAX_RESTARTS of them), apart from PGD's (0, 1, ...) and from the
+# random targets' (engine.TARGET_STREAM).
+STREAM_BLOCK = 1 << 22
 
 
 def checkpoint_fractions(max_p: float = 1.0) -> List[float]:
@@ -163,22 +176,23 @@ class APGD(Attack):
         objective = Objective(losses.get_loss(self.settings.loss, targeted), targeted)
         kept = Kept.start(x.clone())
         self._restarts(model, x, y, lab, ids, objective, kept)
-        return kept.iterate
+        return self._answer(kept.iterate, kept.pred)
 
     def _restarts(self, model, x, y, lab, ids, objective: Objective, kept: Kept, stream0: int = 0) -> bool:
-        """Up to ``restarts`` walks (rng streams stream0 + r), each on the samples that no walk
-        has fooled yet. False once every sample is fooled."""
+        """Up to ``restarts`` walks (rng streams start_stream + stream0 + r), each on the samples that
+        no walk has fooled yet. False once every sample is fooled."""
         for r in range(self.settings.restarts if self.settings.random_start else 1):
             rows = kept.unfooled()
             if rows.numel() == 0:
                 return False
-            w, loss, fool = self._begin(model, x, y, lab, ids, objective, kept, rows, stream0 + r)
-            self._walk(model, w, loss, fool, objective)
+            w = self._begin(model, x, y, lab, ids, objective, kept, rows, self.start_stream + stream0 + r)
+            self._walk(model, w, objective)
         return True
 
-    def _begin(self, model, x, y, lab, ids, objective: Objective, kept: Kept, rows: torch.Tensor, stream: int):
+    def _begin(self, model, x, y, lab, ids, objective: Objective, kept: Kept, rows: torch.Tensor,
+               stream: int) -> _APGDWalk:
         """A walk's working batch at iterate 0 (a random point of the ball, or x), with its loss
-        and gradient; returns (walk, loss, fool) of iterate 0."""
+        and gradient, iterate 0 offered."""
         s, xs, lab = self.settings, x[rows], lab[rows]
         if s.random_start:
             x_adv = (xs + self.threat.geometry.random(xs, self.threat.eps, s.seed, stream, ids[rows])).clamp_(0, 1)
@@ -191,25 +205,22 @@ class APGD(Attack):
                             loss_prev=loss.clone(), eta=torch.full((n,), s.alpha, device=dev, dtype=xs.dtype),
                             n_incr=torch.zeros(n, device=dev),
                             reduced_last=torch.zeros(n, dtype=torch.bool, device=dev), loss_best_last=loss.clone())
-        return w, loss, objective.fools(logits, w.y, w.lab)
+        w.offer(x_adv, loss, *self._verdict(model, x_adv, logits, objective, w.y, w.lab))
+        return w
 
-    def _walk(self, model, w: _APGDWalk, loss: torch.Tensor, fool: torch.Tensor, objective: Objective) -> None:
-        """One APGD walk of ``steps`` iterations from iterate 0 (``_begin``'s w, loss, fool); each
-        sample's first fooling iterate, else its highest-loss one, goes into ``w.into``."""
+    def _walk(self, model, w: _APGDWalk, objective: Objective) -> None:
+        """One APGD walk of ``steps`` iterations from iterate 0 (``_begin``'s w); each sample's
+        first fooling iterate, else its highest-loss one, goes into ``w.into``. An iterate is
+        offered right after its forward pass, before a checkpoint may send the walk back to x_max."""
         ckpts = checkpoints(self.settings.steps)
         since_last = {b: b - a for a, b in zip(ckpts, ckpts[1:])}  # w_j -> w_j - w_{j-1}
         for i in range(self.settings.steps):
-            # (after a checkpoint that sent a sample back, x_adv is its x_max while loss and fool
-            # are those of the iterate evaluated before: a sample fooled right there keeps x_max.
-            # That is how the loop behaved before the bookkeeping was shared; kept as it was.)
-            w.offer(w.x_adv, loss, fool)
             if self.settings.early_stop and not w.drop_fooled():
                 return
             self._momentum_step(w, i)
-            loss, fool = self._evaluate(model, w, objective, last=i + 1 == self.settings.steps)
+            self._evaluate(model, w, objective, last=i + 1 == self.settings.steps)
             if i + 1 in since_last:
                 self._checkpoint(w, since_last[i + 1])
-        w.offer(w.x_adv, loss, fool)  # the last iterate (no gradient: nobody steps from it)
         w.store()
 
     def _project(self, x_new: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -224,14 +235,15 @@ class APGD(Attack):
         x_next = self._project(w.x_adv + a * (z - w.x_adv) + (1 - a) * (w.x_adv - w.x_prev), w.x)
         w.x_prev, w.x_adv = w.x_adv, x_next
 
-    def _evaluate(self, model, w: _APGDWalk, objective: Objective, last: bool):
-        """The new iterate's loss (and gradient, but for the last one), the count of loss
-        increases, and the best point so far. Returns (loss, fool)."""
+    def _evaluate(self, model, w: _APGDWalk, objective: Objective, last: bool) -> None:
+        """The new iterate's loss (and gradient, but for the last one: nobody steps from it), the
+        iterate offered, the count of loss increases, and the best point so far."""
         if last:
             logits, loss = self._loss(model, w.x_adv, w.lab, objective.loss)
             w.grad = None
         else:
             logits, loss, w.grad = self._loss_and_grad(model, w.x_adv, w.lab, objective.loss)
+        w.offer(w.x_adv, loss, *self._verdict(model, w.x_adv, logits, objective, w.y, w.lab))
         w.n_incr += (loss > w.loss_prev).to(w.n_incr.dtype)
         w.loss_prev = loss
         better = loss > w.loss_best
@@ -239,7 +251,6 @@ class APGD(Attack):
         w.loss_best = torch.where(better, loss, w.loss_best)
         if w.grad is not None:
             w.grad_best = torch.where(per_sample(better, w.grad), w.grad, w.grad_best)
-        return loss, objective.fools(logits, w.y, w.lab)
 
     def _checkpoint(self, w: _APGDWalk, h: int) -> None:
         """At checkpoint w_j, h iterations after w_{j-1}: halve the step size of a sample and go
@@ -248,8 +259,7 @@ class APGD(Attack):
         red = (w.n_incr < self.settings.rho * h) | (~w.reduced_last & (w.loss_best <= w.loss_best_last))
         back = per_sample(red, w.x_adv)
         w.eta = torch.where(red, w.eta / 2, w.eta)
-        w.x_adv = torch.where(back, w.x_best, w.x_adv)
-        w.x_prev = torch.where(back, w.x_best, w.x_prev)  # no momentum after going back
+        w.x_adv = torch.where(back, w.x_best, w.x_adv)  # x_prev stays: the momentum is x_max - x^(k-1)
         w.loss_prev = torch.where(red, w.loss_best, w.loss_prev)  # the walk goes on from x_max
         if w.grad is not None:
             w.grad = torch.where(back, w.grad_best, w.grad)
@@ -265,6 +275,7 @@ class APGDCE(APGD):
 
     name = "apgd-ce"
     defaults = {**APGD.defaults, "loss": "ce"}
+    start_stream = 1 * STREAM_BLOCK
 
 
 @ATTACKS.register("apgd-dlr", help="APGD-DLR (Croce & Hein 2020): APGD on the Difference of Logits Ratio loss")
@@ -273,6 +284,7 @@ class APGDDLR(APGD):
 
     name = "apgd-dlr"
     defaults = {**APGD.defaults, "loss": "dlr"}
+    start_stream = 2 * STREAM_BLOCK
 
 
 @ATTACKS.register("apgd-t", aliases=("apgd-targeted",),
@@ -286,6 +298,7 @@ class APGDT(APGD):
     name = "apgd-t"
     defaults = {**APGD.defaults, "loss": "dlr-targeted"}
     config_class = APGDTConfig
+    start_stream = 3 * STREAM_BLOCK
 
     def planned_forwards(self) -> int:
         return 1 + self.settings.n_target_classes * super().planned_forwards()  # a clean pass, then per target
@@ -300,13 +313,13 @@ class APGDT(APGD):
         if target is not None or self.settings.targeted:
             lab, _ = self._labels(model, x, y, target, ids)
             self._restarts(model, x, y, lab, ids, Objective(loss_fn, True), kept)
-            return kept.iterate
+            return self._answer(kept.iterate, kept.pred)
         ranked = self._target_classes(model, x, y)
         restarts = self.settings.restarts if self.settings.random_start else 1
         for t in range(ranked.shape[1]):  # targeted loss towards t, success = prediction != y
             if not self._restarts(model, x, y, ranked[:, t], ids, Objective(loss_fn, False), kept, t * restarts):
                 break
-        return kept.iterate
+        return self._answer(kept.iterate, kept.pred)
 
     def _target_classes(self, model, x, y) -> torch.Tensor:
         """(N, k): per sample the k = min(n_target_classes, C - 1) classes t != y with the

@@ -14,46 +14,63 @@ PGD (Madry et al., ICLR 2018), the inner maximisation of adversarial training. T
 attacks.losses.
 
 Per-sample bookkeeping. A sample is fooled when argmax z != y (untargeted) or argmax z == target
-(targeted). The logits of the forward pass that computes the gradient at iterate t already say
-whether iterate t fools, so no extra forward is spent on that; only the final iterate needs one
-no-grad forward, and only for the samples whose result depends on it. Which iterate is returned
-per sample is ``keep``:
+(targeted), on float32 logits: under amp="bf16" a sample that looks fooled on its bf16 logits is
+confirmed by one float32 no-grad forward of the candidates before it counts (confirm_fooled). The
+logits of the forward pass that computes the gradient at iterate t already say whether iterate t
+fools, so no extra forward is spent on that; only the final iterate needs one no-grad forward, and
+only for the samples whose result depends on it. Which iterate is returned per sample is ``keep``:
 
   first-fool  the first iterate that fools the sample, else the highest-loss iterate (default)
-  best-loss   the highest-loss iterate visited
+  best-loss   the highest-loss iterate that fools the sample, else the highest-loss iterate visited
   last        the last iterate visited (adversarial training: early_stop=False, keep="last")
 
-Iterate 0 is the starting point: without a random start, a sample the model already gets wrong
-is returned unperturbed under first-fool. With early_stop=True a sample leaves the working batch
-as soon as it is fooled (the batch shrinks); restarts run only on samples that no iterate has
-fooled yet. Without a random start, restarts would repeat the same walk and are skipped. The
-bookkeeping (the kept iterate per sample, the shrinking working batch) is attacks.bookkeeping's,
-shared with APGD; a step of the walk reads: loss and gradient, offer the iterate, drop the
-fooled, step and project.
+A sample counts as fooled when the iterate it keeps fools, so a sample counted fooled is always
+returned with a point that fools (and one that is not gets its restarts). Iterate 0 is the
+starting point: without a random start, a sample the model already gets wrong is returned
+unperturbed under first-fool. With early_stop=True a sample leaves the working batch as soon as
+it is fooled (the batch shrinks); restarts run only on samples that are not fooled. Without a
+random start, restarts would repeat the same walk and are skipped. The bookkeeping (the kept
+iterate per sample, the shrinking working batch) is attacks.bookkeeping's, shared with APGD; a
+step of the walk reads: loss and gradient, offer the iterate, drop the fooled, step and project.
 
 Settings. An attack's settings are one frozen AttackConfig (steps, alpha, random_start, restarts,
-loss, targeted, seed, early_stop, keep, model_mode, amp): the engine's defaults are its field
+loss, targeted, seed, early_stop, keep, model_mode, amp, eot): the engine's defaults are its field
 defaults, its checks are in __post_init__ and name the parameter. A plugin states its own
 defaults (``defaults``) and, for parameters of its own, a config subclass (``config_class``, e.g.
 APGD's rho and momentum); alpha=None takes the plugin's ``default_alpha(eps, steps)``.
 
 Randomness (random start, random targets) comes from robustbench_lite.rng keyed by
-(seed, stream, sample id): the random start of restart r uses stream r. So attacking sample i
-inside any batch gives the same result as attacking it alone with sample_ids=[i].
+(seed, stream, sample id): the random start of restart r uses stream ``start_stream + r``, where
+each attack has a start_stream of its own (PGD's is 0), so that two attacks never start a sample
+at the same point. So attacking sample i inside any batch gives the same result as attacking it
+alone with sample_ids=[i].
+
+EOT (expectation over transformation, Athalye, Carlini & Wagner, ICML 2018): against a randomised
+model (noise, random transformations inside the forward) one gradient is one random draw; with
+``eot`` = k the gradient of an iterate is the mean over k forward/backward passes, while its loss
+and whether it fools come from the last of them (as AutoAttack's eot_iter). eot=1 is the plain
+attack.
+
+Verdicts. The attack keeps, per sample, the prediction of the forward pass that evaluated the
+iterate it returns; with float32 forwards in eval mode (no amp) that is a float32 prediction of
+exactly the returned point, which the evaluator takes instead of predicting it again
+(``verdicts``).
 
 model_mode="train" (adversarial training with BatchNorm in train mode) makes every forward use
 batch statistics, so a sample's result depends on its batch: use it with early_stop=False.
 
-Costs: one step is one forward and one backward to the INPUT (parameters' requires_grad is off
-during the attack); the loss is summed over the batch. The inner loop synchronises with the
-device only to shrink the batch (early_stop=True), once per step; the input check (images
-finite and in [0, 1]) adds one sync per call.
+Costs: one step is one forward and one backward to the INPUT (``eot`` of each with EOT;
+parameters' requires_grad is off during the attack); the loss is summed over the batch. The
+inner loop synchronises with the device only to shrink the batch (early_stop=True), once per
+step, and under bf16 to confirm fooling in float32; the input check (images finite and in
+[0, 1]) adds one sync per call.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import numbers
+import weakref
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
@@ -77,12 +94,13 @@ ATTACKS = Registry("attack", entry_point_group="advbench.attacks")
 KEEP_CHOICES = ("first-fool", "best-loss", "last")
 TARGETED_CHOICES = ("random", "least-likely")
 MODEL_MODES = ("eval", "train")
-TARGET_STREAM = 1 << 28  # rng stream of random targets (restart r's random start uses stream r)
+TARGET_STREAM = 1 << 28  # rng stream of random targets (restart r's random start: start_stream + r)
 # Upper bounds of the counts: far above any real evaluation (AutoAttack runs 100 steps and 1-5
 # restarts; the attack's cost grows linearly in both), so a value above them is a typo or an
 # overflow (--steps 1000000000, a suite's `restarts: 1e23`) that would run silently for days.
 MAX_STEPS = 10_000
 MAX_RESTARTS = 1_000
+MAX_EOT = 1_000  # gradient samples per iterate (AutoAttack's rand version: 20)
 IMAGE_RANGE_ERROR = "images must be finite and in [0, 1] (normalisation belongs inside the model)"
 
 
@@ -131,11 +149,13 @@ class AttackConfig:
     keep: str = "first-fool"  # see the module docstring
     model_mode: str = "eval"
     amp: Optional[str] = None  # None (float32) or "bf16"
+    eot: int = 1  # forward/backward passes averaged per gradient (EOT, for randomised models)
 
     def __post_init__(self) -> None:
         n, put = self.attack, self._put
         put("steps", check_count(n, "steps", self.steps, MAX_STEPS))
         put("restarts", check_count(n, "restarts", self.restarts, MAX_RESTARTS))
+        put("eot", check_count(n, "eot", self.eot, MAX_EOT))
         a = self.alpha
         if a is not None:
             if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a < 0:
@@ -237,13 +257,34 @@ class Objective(NamedTuple):
     targeted: bool
 
     def fools(self, logits: torch.Tensor, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.judge(logits, y, labels)[0]
+
+    def judge(self, logits: torch.Tensor, y: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(fool, pred) per sample: whether it is fooled, and the prediction (-1 where the logits
+        are not finite: no verdict, the evaluator's check of the logits decides)."""
         pred = logits.argmax(dim=1)
-        return pred == labels if self.targeted else pred != y
+        fool = pred == labels if self.targeted else pred != y
+        return fool, torch.where(torch.isfinite(logits).all(dim=1), pred, -1)
+
+
+class Verdicts(NamedTuple):
+    """The per-sample predictions ``pred`` of one call's returned tensor (a weak reference to it, and
+    its version counter then: an in-place change afterwards voids them)."""
+
+    x_adv: "weakref.ref[torch.Tensor]"
+    version: int
+    pred: torch.Tensor
 
 
 def _into_box(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """delta moved so that x + delta lies in the image box [0, 1]."""
     return (x + delta).clamp_(0, 1).sub_(x)
+
+
+def _point(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The image x + delta, clamped to [0, 1]: the same expression for the point forwarded and the
+    point returned, so that the prediction of one is the prediction of the other, bit for bit."""
+    return (x + delta).clamp_(0, 1)
 
 
 @dataclass(eq=False)
@@ -269,6 +310,9 @@ class Attack:
     name = "attack"
     defaults: Dict[str, Any] = {}
     config_class: Type[AttackConfig] = AttackConfig
+    # rng stream of restart 0's random start (restart r: start_stream + r); an attack with random
+    # starts takes one of its own, so that two attacks never start a sample at the same point
+    start_stream = 0
     # optional progress hook, called after every forward pass with the fraction (0..1) of this
     # call's planned passes done (planned_forwards); plain Python, no device sync
     on_step: Optional[Callable[[float], None]] = None
@@ -283,6 +327,7 @@ class Attack:
             config = replace(config, alpha=float(self.default_alpha(self.threat.eps, config.steps)))
         self.settings = config
         self.last_stats: Dict[str, int] = {}
+        self._verdicts: Optional[Verdicts] = None
 
     def _refuse_unknown(self, settings: Dict[str, Any]) -> None:
         unknown = sorted(set(settings) - set(self.config_class.parameters()))
@@ -327,9 +372,9 @@ class Attack:
 
     def planned_forwards(self) -> int:
         """Forward passes of one call when no sample is fooled early (the progress hook's 100%):
-        per restart ``steps`` with a gradient and a final one without."""
+        per restart ``steps`` with a gradient (``eot`` passes each) and a final one without."""
         s = self.settings
-        return (s.restarts if s.random_start else 1) * (s.steps + 1)
+        return (s.restarts if s.random_start else 1) * (s.steps * s.eot + 1)
 
     # -- description -----------------------------------------------------------------------
     def config(self) -> Dict[str, Any]:
@@ -377,6 +422,7 @@ class Attack:
                 raise ValueError(f"attack {self.name!r}: {target.numel()} targets for {n} images")
 
         self._stats = {"forward": 0, "backward": 0, "forward_samples": 0, "backward_samples": 0}
+        self._verdicts = None
         try:
             with attack_mode(model, self.settings.model_mode):
                 x_adv = self._attack(model, x, y, target, ids)
@@ -384,29 +430,73 @@ class Attack:
             self.last_stats = dict(self._stats)
         return x_adv
 
-    def _forward(self, model: nn.Module, inp: torch.Tensor) -> torch.Tensor:
-        """Logits in float32 (the hook for bf16 autocast: forward in bf16, loss in float32)."""
+    def verdicts(self, x_adv: torch.Tensor) -> Optional[torch.Tensor]:
+        """The per-sample predictions (argmax of float32 logits, eval mode) that the last call
+        computed on exactly the points of ``x_adv``, the tensor it returned; None when it has none
+        for every sample (amp, train mode, an iterate returned without a forward, logits that were
+        not finite), or when ``x_adv`` is another tensor or was changed in place since."""
+        v = self._verdicts
+        if v is None or v.x_adv() is not x_adv or x_adv._version != v.version or not bool((v.pred >= 0).all()):
+            return None
+        return v.pred
+
+    def _answer(self, x_adv: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Return ``x_adv``, whose points the model predicted as ``pred``: they are verdicts when
+        those forwards were float32 and in eval mode."""
+        if self.settings.amp is None and self.settings.model_mode == "eval":
+            self._verdicts = Verdicts(weakref.ref(x_adv), x_adv._version, pred)
+        return x_adv
+
+    def _forward(self, model: nn.Module, inp: torch.Tensor, autocast: bool = True) -> torch.Tensor:
+        """Logits in float32 (the hook for bf16 autocast: forward in bf16, loss in float32;
+        autocast=False: a float32 forward whatever amp says)."""
         self._stats["forward"] += 1
         self._stats["forward_samples"] += inp.shape[0]
-        if self.on_step is not None:
+        if self.on_step is not None and autocast:
             self.on_step(min(1.0, self._stats["forward"] / self.planned_forwards()))
-        if self.settings.amp == "bf16":
+        if self.settings.amp == "bf16" and autocast:
             with torch.autocast(device_type=inp.device.type, dtype=torch.bfloat16):
                 out = model(inp)
         else:
             out = model(inp)
         return out.float()
 
+    def confirm_fooled(self, model: nn.Module, inp: torch.Tensor, fool: torch.Tensor, objective: Objective,
+                       y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``fool`` (n,), decided on this attack's logits of ``inp``, confirmed on float32 logits:
+        under amp="bf16" the samples marked fooled get one float32 no-grad forward (of those
+        samples only, a host sync) and stay fooled only if it fools them too; without amp, ``fool``.
+        Every attack calls it before a sample counts as fooled (and leaves the batch)."""
+        if self.settings.amp is None:
+            return fool
+        rows = fool.nonzero().reshape(-1)
+        if rows.numel() == 0:
+            return fool
+        with torch.no_grad():
+            logits = self._forward(model, inp[rows], autocast=False)
+        return torch.zeros_like(fool).index_copy_(0, rows, objective.fools(logits, y[rows], labels[rows]))
+
+    def _verdict(self, model: nn.Module, inp: torch.Tensor, logits: torch.Tensor, objective: Objective,
+                 y: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(fool, pred) of ``inp`` from its ``logits``, fooling confirmed in float32 (confirm_fooled)."""
+        fool, pred = objective.judge(logits, y, labels)
+        return self.confirm_fooled(model, inp, fool, objective, y, labels), pred
+
     def _loss_and_grad(self, model: nn.Module, inp: torch.Tensor, labels: torch.Tensor, loss_fn: losses.LossFn):
-        """One forward and one backward to the input (the loss summed over the batch):
-        (logits, per-sample loss, d loss / d inp), detached."""
+        """``eot`` forwards and backwards to the input (the loss summed over the batch): (logits and
+        per-sample loss of the last pass, d loss / d inp averaged over the passes), detached."""
         inp = inp.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = self._forward(model, inp)
-            loss = loss_fn(logits, labels)
-            (grad,) = torch.autograd.grad(loss.sum(), inp)
-        self._stats["backward"] += 1
-        self._stats["backward_samples"] += inp.shape[0]
+        grad = None
+        for _ in range(self.settings.eot):
+            with torch.enable_grad():
+                logits = self._forward(model, inp)
+                loss = loss_fn(logits, labels)
+                (g,) = torch.autograd.grad(loss.sum(), inp)
+            grad = g if grad is None else grad.add_(g)
+            self._stats["backward"] += 1
+            self._stats["backward_samples"] += inp.shape[0]
+        if self.settings.eot > 1:
+            grad = grad.div_(self.settings.eot)
         return logits.detach(), loss.detach(), grad
 
     def _loss(self, model: nn.Module, inp: torch.Tensor, labels: torch.Tensor, loss_fn: losses.LossFn):
@@ -450,13 +540,14 @@ class Attack:
             xs = x[rows]
             walk = _Walk.start(kept, rows, s.keep, x=xs, labels=labels[rows], delta=self._start(xs, ids[rows], r))
             self._walk(model, walk, objective, final_restart=r == restarts - 1)
-        return (x + kept.iterate).clamp_(0, 1)
+        return self._answer(_point(x, kept.iterate), kept.pred)
 
     def _start(self, x: torch.Tensor, ids: torch.Tensor, r: int) -> torch.Tensor:
-        """delta_0 of restart r: a uniform point of the eps-ball (rng stream r), or 0."""
+        """delta_0 of restart r: a uniform point of the eps-ball (rng stream start_stream + r), or 0."""
         if not self.settings.random_start:
             return torch.zeros_like(x)
-        return _into_box(x, self.threat.geometry.random(x, self.threat.eps, self.settings.seed, r, ids))
+        s = self.settings
+        return _into_box(x, self.threat.geometry.random(x, self.threat.eps, s.seed, self.start_stream + r, ids))
 
     def _ascent(self, w: _Walk) -> torch.Tensor:
         """delta + alpha * step(grad), projected onto the eps-ball, then into the image box."""
@@ -466,8 +557,9 @@ class Attack:
     def _walk(self, model: nn.Module, w: _Walk, objective: Objective, final_restart: bool) -> None:
         """``steps`` steps for the samples of ``w``; their kept iterates go into ``w.into``."""
         for _ in range(self.settings.steps):
-            logits, loss, w.grad = self._loss_and_grad(model, w.x + w.delta, w.labels, objective.loss)
-            w.offer(w.delta, loss, objective.fools(logits, w.labels, w.labels))
+            point = _point(w.x, w.delta)
+            logits, loss, w.grad = self._loss_and_grad(model, point, w.labels, objective.loss)
+            w.offer(w.delta, loss, *self._verdict(model, point, logits, objective, w.labels, w.labels))
             if self.settings.early_stop and not w.drop_fooled():
                 return
             w.delta = self._ascent(w)
@@ -475,22 +567,26 @@ class Attack:
         w.store()
 
     def _final_iterate(self, model: nn.Module, w: _Walk, objective: Objective, final_restart: bool) -> None:
-        """Offer the last iterate. Its fate matters only for samples not fooled yet (for
-        best-loss: for all); keep="last" on the final restart needs no forward at all."""
+        """Offer the last iterate. Under first-fool its fate matters only for samples not fooled
+        yet (best-loss, last: for all); keep="last" on the final restart needs no forward at all
+        (and so has no prediction of it)."""
         keep = self.settings.keep
-        if keep == "last":
-            w.kept = w.delta
-            if final_restart:
-                return
-        need = None if keep == "best-loss" else (~w.fooled).nonzero().reshape(-1)
+        if keep == "last" and final_restart:
+            w.kept, w.kept_pred = w.delta, torch.full_like(w.kept_pred, -1)
+            return
+        need = None if keep != "first-fool" else (~w.fooled).nonzero().reshape(-1)
         if need is None or need.numel() == w.fooled.numel():  # everybody: no gather
-            logits, loss = self._loss(model, w.x + w.delta, w.labels, objective.loss)
-            w.offer(w.delta, loss, objective.fools(logits, w.labels, w.labels))
+            point = _point(w.x, w.delta)
+            logits, loss = self._loss(model, point, w.labels, objective.loss)
+            w.offer(w.delta, loss, *self._verdict(model, point, logits, objective, w.labels, w.labels))
         elif need.numel() > 0:  # the others are fooled already: their kept iterate cannot change
             labels = w.labels[need]
-            logits, loss = self._loss(model, w.x[need] + w.delta[need], labels, objective.loss)
+            point = _point(w.x[need], w.delta[need])
+            logits, loss = self._loss(model, point, labels, objective.loss)
+            fool, pred = self._verdict(model, point, logits, objective, labels, labels)
             w.offer(w.delta, torch.full_like(w.kept_loss, float("-inf")).index_copy_(0, need, loss),
-                    torch.zeros_like(w.fooled).index_copy_(0, need, objective.fools(logits, labels, labels)))
+                    torch.zeros_like(w.fooled).index_copy_(0, need, fool),
+                    torch.full_like(w.kept_pred, -1).index_copy_(0, need, pred))
 
 
 # -- what a spec may set ---------------------------------------------------------------------------

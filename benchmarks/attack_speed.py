@@ -9,8 +9,15 @@
 2. Early stopping. smallcnn trained for one epoch on mnist-5k (a standard, non-robust model):
    PGD-k images/s with early stopping ON vs OFF. Most samples are fooled in a few steps and leave
    the batch, so the target is >= 5x.
+3. Side by side with torchattacks (installed): FGSM and PGD-k (early stopping OFF) on one batch of
+   --n-side (2,048) MNIST images that the trained smallcnn of part 2 classifies correctly (the
+   samples an evaluation attacks), each as a ratio to the floor (1 resp. k x forward + backward).
+   Ours is timed as the evaluator runs an attack (the attack, the threat-model check, the float32
+   predictions it records: evaluator._attack_batch); torchattacks bare and with the prediction of
+   its output that an evaluation needs. Run it on two checkouts (interleaved) to compare them.
 
     python benchmarks/attack_speed.py --device cpu --n 128 --json results/bench_attack_speed.json
+    python benchmarks/attack_speed.py --models '' --no-early-stopping --side-by-side --repeats 5
     python benchmarks/attack_speed.py --device cuda --models resnet18,preact-resnet18 --n-resnet 4096 \
         --batch-size 512 --variants base,bf16,channels_last,bf16+channels_last,compile --json ...
 
@@ -35,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from common import input_gradient_passes, sync, variant_flags, variants  # noqa: E402
 
 import attacks  # noqa: E402
+from robustbench_lite import evaluator  # noqa: E402
 from robustbench_lite.models import create_model  # noqa: E402
 from robustbench_lite.runtime import accelerate, to_memory_format  # noqa: E402
 from robustbench_lite.threat import ThreatModel  # noqa: E402
@@ -179,7 +187,78 @@ def early_stopping(args, device) -> List[Dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def correct_mnist(model, n: int, device):
+    """The first ``n`` mnist-5k images (test split, then train) that ``model`` classifies correctly."""
+    from robustbench_lite.data import load_dataset
+
+    ds = load_dataset("mnist-5k")
+    x, y = torch.cat([ds.x_test, ds.x_train]).to(device), torch.cat([ds.y_test, ds.y_train]).to(device)
+    with torch.no_grad():
+        ok = torch.cat([model(x[s]).argmax(1) == y[s] for s in batches(len(y), 1024)])
+    return x[ok][:n], y[ok][:n]
+
+
+def side_by_side(args, device) -> List[Dict]:
+    """Part 3: ours (as the evaluator runs it) and torchattacks, FGSM and PGD-k, ratio to the floor."""
+    import torchattacks
+
+    model, _, _ = train_one_epoch(device)
+    x, y = correct_mnist(model, args.n_side, device)
+    ids, threat, eps = torch.arange(len(y), device=device), ThreatModel("linf", args.eps_trained), args.eps_trained
+    rows = []
+    for name, steps in (("fgsm", 1), (f"pgd-{args.steps}", args.steps)):
+        if name == "fgsm":
+            ours, theirs = attacks.create("fgsm", threat=threat), torchattacks.FGSM(model, eps=eps)
+        else:
+            ours = attacks.create("pgd", threat=threat, steps=steps, early_stop=False)
+            theirs = torchattacks.PGD(model, eps=eps, alpha=ours.settings.alpha, steps=steps, random_start=True)
+        fns = {"floor": floor_fn(model, x, y, steps, len(y)),
+               "ours": lambda: ours(model, x, y, sample_ids=ids),
+               "ours + recorded predictions": lambda: evaluator._attack_batch(model, ours, name, threat, (x, y, ids),
+                                                                               len(y)),
+               "torchattacks": lambda: theirs(x, y),
+               "torchattacks + predict": lambda: evaluator.predict(model, theirs(x, y), len(y))}
+        t, _ = best_of(fns, device, args.repeats)
+        rows += [dict(attack=name, n=len(y), variant=k, seconds=t[k], floor_seconds=t["floor"],
+                      ratio=t[k] / t["floor"]) for k in fns if k != "floor"]
+    return rows
+
+
+def print_overhead(args, rows: List[Dict]) -> None:
+    print(f"\n1. engine overhead: PGD-{args.steps} (early stopping OFF) / {args.steps} x (forward + backward "
+          f"to the input)   target <= 1.05")
+    print(f"{'model':16} {'input':9} {'n':>5} {'variant':40} {'attack s':>9} {'floor s':>9} {'ratio':>7} "
+          f"{'img/s':>9} {'x base':>7}")
+    for r in rows:
+        sp = f"{r['speedup_vs_base']:.2f}" if r["speedup_vs_base"] else "-"
+        print(f"{r['model']:16} {r['input']:9} {r['n']:5d} {r['variant']:40} {r['seconds']:9.3f} "
+              f"{r['floor_seconds']:9.3f} {r['ratio']:7.3f} {r['images_per_s']:9.1f} {sp:>7}")
+    worst = max(r["ratio"] for r in rows)
+    print(f"worst ratio {worst:.3f} (target <= 1.05: {'met' if worst <= 1.05 else 'MISSED'})")
+
+
+def print_early_stopping(args, es_rows: List[Dict]) -> None:
+    r0 = es_rows[0]
+    print(f"\n2. early stopping: PGD-{args.steps_trained} on {r0['model']}, linf eps={args.eps_trained:g}, "
+          f"n={r0['n']}, clean accuracy {r0['clean_accuracy']:.3f}   target >= 5x")
+    print(f"{'variant':18} {'seconds':>9} {'img/s':>9} {'robust acc':>11} {'speedup':>8}")
+    for r in es_rows:
+        print(f"{r['variant']:18} {r['seconds']:9.3f} {r['images_per_s']:9.1f} {r['robust_accuracy']:11.3f} "
+              f"{r['speedup']:7.2f}x")
+    speedup = es_rows[-1]["speedup"]
+    print(f"early-stopping speedup {speedup:.2f}x (target >= 5x: {'met' if speedup >= 5 else 'MISSED'})")
+
+
+def print_side_by_side(args, side_rows: List[Dict]) -> None:
+    print(f"\n3. side by side with torchattacks: one batch of {side_rows[0]['n']} mnist-5k images the trained "
+          f"smallcnn gets right, linf eps={args.eps_trained:g}, early stopping OFF; floor = k x (forward + "
+          f"backward to the input)")
+    print(f"{'attack':8} {'variant':30} {'seconds':>9} {'floor s':>9} {'ratio':>7}")
+    for r in side_rows:
+        print(f"{r['attack']:8} {r['variant']:30} {r['seconds']:9.3f} {r['floor_seconds']:9.3f} {r['ratio']:7.3f}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, default=256, help="images for smallcnn (and the trained model)")
@@ -201,12 +280,19 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
                    help="auto: process CPU time on CPU (robust to other processes), wall time on CUDA")
     p.add_argument("--no-early-stopping", action="store_true", help="skip part 2")
+    p.add_argument("--side-by-side", action="store_true", help="run part 3 (needs torchattacks)")
+    p.add_argument("--n-side", type=int, default=2048, help="images of part 3 (one batch)")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.variants = variants(args.variants)
     if args.n_resnet is None:
         args.n_resnet = max(8, args.n // 16)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device = torch.device(args.device)
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -215,37 +301,20 @@ def main(argv=None) -> int:
 
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"batch {args.batch_size} | best of {args.repeats} | clock {CLOCK}")
-    rows = overhead(args, device)
-    print(f"\n1. engine overhead: PGD-{args.steps} (early stopping OFF) / {args.steps} x (forward + backward "
-          f"to the input)   target <= 1.05")
-    print(f"{'model':16} {'input':9} {'n':>5} {'variant':40} {'attack s':>9} {'floor s':>9} {'ratio':>7} "
-          f"{'img/s':>9} {'x base':>7}")
-    for r in rows:
-        sp = f"{r['speedup_vs_base']:.2f}" if r["speedup_vs_base"] else "-"
-        print(f"{r['model']:16} {r['input']:9} {r['n']:5d} {r['variant']:40} {r['seconds']:9.3f} "
-              f"{r['floor_seconds']:9.3f} {r['ratio']:7.3f} {r['images_per_s']:9.1f} {sp:>7}")
-
-    if rows:
-        worst = max(r["ratio"] for r in rows)
-        print(f"worst ratio {worst:.3f} (target <= 1.05: {'met' if worst <= 1.05 else 'MISSED'})")
-
-    es_rows = [] if args.no_early_stopping else early_stopping(args, device)
-    if es_rows:
-        r0 = es_rows[0]
-        print(f"\n2. early stopping: PGD-{args.steps_trained} on {r0['model']}, linf eps={args.eps_trained:g}, "
-              f"n={r0['n']}, clean accuracy {r0['clean_accuracy']:.3f}   target >= 5x")
-        print(f"{'variant':18} {'seconds':>9} {'img/s':>9} {'robust acc':>11} {'speedup':>8}")
-        for r in es_rows:
-            print(f"{r['variant']:18} {r['seconds']:9.3f} {r['images_per_s']:9.1f} {r['robust_accuracy']:11.3f} "
-                  f"{r['speedup']:7.2f}x")
-        speedup = es_rows[-1]["speedup"]
-        print(f"early-stopping speedup {speedup:.2f}x (target >= 5x: {'met' if speedup >= 5 else 'MISSED'})")
+    parts = [("overhead", overhead, print_overhead, True),
+             ("early_stopping", early_stopping, print_early_stopping, not args.no_early_stopping),
+             ("side_by_side", side_by_side, print_side_by_side, args.side_by_side)]
+    figures = {}
+    for key, run, show, wanted in parts:
+        figures[key] = run(args, device) if wanted else []
+        if figures[key]:
+            show(args, figures[key])
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(device=str(device), clock=CLOCK, torch=torch.__version__, threads=torch.get_num_threads(),
                     python=platform.python_version(), batch_size=args.batch_size, repeats=args.repeats)
-        args.json.write_text(json.dumps(dict(meta=meta, overhead=rows, early_stopping=es_rows), indent=2) + "\n")
+        args.json.write_text(json.dumps(dict(meta=meta, **figures), indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 

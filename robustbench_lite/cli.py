@@ -463,7 +463,9 @@ def attack_cmd(
                                               "worst case is an upper bound; see --suite standard)."),
     suite: Optional[str] = typer.Option(None, "--suite", help="A named attack suite instead of --attack: standard "
                                                              "(AutoAttack's standard version on our engine, as a "
-                                                             "cascade: the reportable worst case), quick (fgsm + "
+                                                             "cascade: the reportable worst case), rand (apgd-ce + "
+                                                             "apgd-dlr with EOT over 20 gradient samples: randomised "
+                                                             "defences), quick (fgsm + "
                                                              "pgd-20) or autoattack (the reference implementation: "
                                                              "pip install 'advbench[autoattack]'); `advbench list` "
                                                              "describes each."),

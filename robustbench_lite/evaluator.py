@@ -549,7 +549,7 @@ class _Attacked:
 
 def _attack_batch(model, atk, label: str, threat: ThreatModel, batch, predict_batch_size: int) -> BatchResult:
     """Attack one batch ``(x, y, sample ids)``, check the adversarial examples against the threat
-    model and predict them."""
+    model and take their float32 predictions (adversarial_predictions)."""
     xb, yb, ib = batch
     _sync(xb.device)
     t0 = time.perf_counter()
@@ -561,8 +561,20 @@ def _attack_batch(model, atk, label: str, threat: ThreatModel, batch, predict_ba
         raise AdvbenchError(f"attack {label!r} returned shape {tuple(xa.shape)} for inputs "
                             f"{tuple(xb.shape)}; refusing to record the result")
     _verify(threat, label, xa, xb)
-    pred = predict(model, xa, predict_batch_size, f"adversarial examples of {label!r}")
+    pred = adversarial_predictions(model, atk, xa, predict_batch_size, label)
     return BatchResult(ib, pred, pred != yb, threat.distance(xa, xb).float(), seconds, stats)
+
+
+def adversarial_predictions(model, atk, x_adv: torch.Tensor, batch_size: int, label: str) -> torch.Tensor:
+    """The float32 predictions of ``x_adv``, the adversarial examples ``atk`` just returned: the
+    attack's own verdicts when it computed them in float32 on exactly these points
+    (attacks.Attack.verdicts: no second forward of the same points), else ``predict`` (an attack
+    under amp, an attack plugin without verdicts, non-finite logits: the check of predict)."""
+    verdicts = getattr(atk, "verdicts", None)
+    pred = verdicts(x_adv) if callable(verdicts) else None
+    if pred is None:
+        return predict(model, x_adv, batch_size, f"adversarial examples of {label!r}")
+    return pred
 
 
 def _check_saved_batch(batch: BatchResult, ids: torch.Tensor, path: Path) -> None:

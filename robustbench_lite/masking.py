@@ -6,14 +6,16 @@ A gradient-based evaluation can over-state robustness when the model hides or br
 None of these proves masking; each one that fires says "do not trust these numbers yet":
 
   eps-monotonic        robust accuracy must not rise with eps (same attack, same norm, eps sweep)
-  weaker-than-fgsm     an iterative attack must be at least as strong as FGSM under the same threat
-                       (FGSM from the run, else a quick FGSM on the check subset)
+  weaker-than-fgsm     an iterative untargeted attack must be at least as strong as FGSM under the
+                       same threat (FGSM from the run, else a quick FGSM on the check subset); a
+                       targeted attack (random or least-likely targets) is weaker under untargeted
+                       accuracy by design and is not compared
   unbounded-pgd        PGD with a huge budget (linf 0.5; l2 0.5 * sqrt(d), a ball that contains the
                        linf 0.5 ball) must bring accuracy to ~0 %
   zero-gradient        input gradients of the logit margin on clean inputs that are exactly zero
   nan-gradient         ... or not finite
   random-outputs       the same input twice in eval mode gives different logits (a randomised model
-                       needs EOT-style attacks; single-sample gradients mislead)
+                       needs EOT attacks, the `rand` attack suite; single-sample gradients mislead)
 
 The extra checks run on a small subset (the first ``n_check`` clean-correct samples, default 100) and
 cost a few hundred forward/backward passes. ``check_run`` returns a list of MaskingWarning; the run
@@ -82,13 +84,20 @@ def check_results(result) -> List[MaskingWarning]:
         if not fgsm:
             continue
         a_fgsm = min(t.robust_acc(lab) for lab in fgsm)
-        for lab, r in t.attacks.items():
-            if int(r.config.get("steps", 1) or 1) > 1 and t.robust_acc(lab) > a_fgsm + FGSM_TOLERANCE:
+        for lab, r in _iterative_untargeted(t).items():
+            if t.robust_acc(lab) > a_fgsm + FGSM_TOLERANCE:
                 out.append(MaskingWarning(
                     "weaker-than-fgsm",
                     f"iterative attack {lab} is weaker than FGSM under {t.threat}: robust accuracy "
                     f"{pct(t.robust_acc(lab), 1)} vs FGSM {pct(a_fgsm, 1)}", str(t.threat), t.robust_acc(lab) - a_fgsm))
     return out
+
+
+def _iterative_untargeted(threat_result) -> Dict[str, Any]:
+    """The attacks of a threat model's results that FGSM is a lower bound for: iterative (more than
+    one step) and untargeted (random-target PGD is weaker under untargeted accuracy by design)."""
+    return {lab: r for lab, r in threat_result.attacks.items()
+            if int(r.config.get("steps", 1) or 1) > 1 and not r.config.get("targeted")}
 
 
 def check_model(model, x: torch.Tensor, y: torch.Tensor, sample_ids: torch.Tensor, threats, result=None,
@@ -114,8 +123,9 @@ def _random_outputs(model, x: torch.Tensor) -> List[MaskingWarning]:
         return []
     diff = float((z1 - z2).abs().max())
     return [MaskingWarning("random-outputs", f"the model is randomised: the same inputs twice in eval mode give "
-                                             f"logits that differ by up to {diff:.3g}; gradient attacks need EOT "
-                                             f"against it", "", diff)]
+                                             f"logits that differ by up to {diff:.3g}; one gradient is one random "
+                                             f"draw, so run the `rand` attack suite (APGD with EOT over 20 gradient "
+                                             f"samples) against it", "", diff)]
 
 
 def _gradients(model, x: torch.Tensor, y: torch.Tensor) -> List[MaskingWarning]:
@@ -158,7 +168,7 @@ def _weaker_than_fgsm(model, x, y, sample_ids, result, seed: int) -> List[Maskin
     rows = torch.tensor([pos[int(i)] for i in sample_ids.tolist()], dtype=torch.long)
     out = []
     for t in result.threats:
-        iterative = {lab: r for lab, r in t.attacks.items() if int(r.config.get("steps", 1) or 1) > 1}
+        iterative = _iterative_untargeted(t)
         if any(r.name == "fgsm" for r in t.attacks.values()) or not iterative:
             continue
         fgsm = attacks.create("fgsm", threat=t.threat, seed=seed)

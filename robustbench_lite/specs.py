@@ -34,7 +34,10 @@ def mode_name(cascade: bool) -> str:
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """An attack by registry name with parameter overrides; ``label`` names it in results."""
+    """An attack of an evaluation by registry name with parameter overrides; ``label`` names it in
+    results. It attacks the model in eval mode: model_mode="train" is refused (it would make every
+    forward use batch statistics and overwrite the BatchNorm running statistics of the model under
+    evaluation; adversarial training's inner attack, which takes it, is built by the engine)."""
 
     name: str
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -44,9 +47,14 @@ class AttackSpec:
     def build(self, threat: ThreatModel, seed: int = 0):
         params = dict(self.params)
         params.setdefault("seed", seed)
-        if self.factory is not None:
-            return self.factory(threat=threat, **params)
-        return attacks.create(self.name, threat=threat, **params)
+        atk = self.factory(threat=threat, **params) if self.factory is not None else \
+            attacks.create(self.name, threat=threat, **params)
+        mode = getattr(getattr(atk, "settings", None), "model_mode", "eval")
+        if mode != "eval":
+            raise AdvbenchError(f"invalid model_mode={mode!r} for attack {self.label or self.name!r}: an evaluation "
+                                f"attacks the model in eval mode (train mode would overwrite the BatchNorm running "
+                                f"statistics of the model under evaluation; it is for adversarial training)")
+        return atk
 
 
 def _auto_label(name: str, params: Mapping[str, Any]) -> str:
@@ -236,6 +244,12 @@ ATTACK_SUITES: Dict[str, AttackSuite] = {
         cascade=True, reportable=True,
         description="AutoAttack's standard version on our engine (Croce & Hein, ICML 2020): APGD-CE, "
                     "APGD-T (9 targets), each on the survivors of the ones before"),
+    "rand": AttackSuite(
+        ({"name": "apgd-ce", "steps": 100, "eot": 20, "label": "apgd-ce"},
+         {"name": "apgd-dlr", "steps": 100, "eot": 20, "label": "apgd-dlr"}),
+        cascade=True,
+        description="AutoAttack's version='rand' for randomised defences: APGD-CE and APGD-DLR, each "
+                    "gradient the mean over 20 samples (EOT), the second on the survivors of the first"),
     "quick": AttackSuite(
         ({"name": "fgsm", "label": "fgsm"}, {"name": "pgd", "steps": 20, "label": "pgd-20"}),
         cascade=False, description="FGSM + PGD-20: a cheap sanity check, an upper bound only"),

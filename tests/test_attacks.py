@@ -419,7 +419,7 @@ def test_plugins_declare_their_defaults_and_everything_is_overridable():
     json.dumps(cfg)
     assert cfg == {"attack": "pgd", "norm": "linf", "eps": 0.3, "steps": 7, "alpha": 0.01, "random_start": False,
                    "restarts": 3, "loss": "margin", "targeted": False, "seed": 5, "early_stop": False,
-                   "keep": "last", "model_mode": "train", "amp": None}
+                   "keep": "last", "model_mode": "train", "amp": None, "eot": 1}
     assert attacks.create("ifgsm", threat=threat).name == "bim"
     assert attacks.create("pgd", threat).threat == threat  # threat may also be positional
     assert attacks.create("PGD", eps="8/255", norm="l2").threat == ThreatModel("l2", 8 / 255)

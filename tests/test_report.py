@@ -29,7 +29,7 @@ def test_named_attack_suites():
     assert std[1].params["n_target_classes"] == 9
     assert [s.label for s in suite_attack_specs("Quick")] == ["fgsm", "pgd-20"]
     assert [s.label for s in suite_attack_specs("autoattack")] == ["autoattack"]
-    assert {"standard", "quick", "autoattack"} <= set(ATTACK_SUITES)
+    assert {"standard", "rand", "quick", "autoattack"} <= set(ATTACK_SUITES)
     with pytest.raises(AdvbenchError, match="did you mean 'standard'"):
         suite_attack_specs("standrd")
 
