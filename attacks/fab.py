@@ -42,10 +42,12 @@ one float32 forward of the candidates).
 
 Costs: one forward and one backward to the input per iteration (the gradient of the logit
 difference summed over the batch), steps + 1 forwards per walk (the last iterate needs no
-gradient), on a shrinking batch. The reference (pyautoattack's FABAttack_PT) spends one more
-forward per iteration on the prediction of the new iterate; here the next iteration's forward
-says whether it fools, and after a fooling iterate the step from x_orig + beta (x_k - x_orig)
-uses the plane linearised at x_k (the reference re-linearises at the point it went back to).
+gradient), on a shrinking batch; a fooling iterate that goes back towards x_orig is linearised
+again there (one forward and one backward of those samples only: with early stop, the ones that
+fool outside eps). The reference (pyautoattack's FABAttack_PT) spends two forwards and one
+backward per iteration on the whole batch (the second predicts the new iterate); here the next
+iteration's forward says whether it fools. planned_forwards does not count the passes after
+going back (they depend on the data).
 """
 from __future__ import annotations
 
@@ -82,7 +84,8 @@ class FABConfig(AttackConfig):
         super().__post_init__()
         n = self.attack
         self._put("n_target_classes", check_count(n, "n_target_classes", self.n_target_classes, MAX_TARGET_CLASSES))
-        for key, lo, hi, text in (("alpha_max", 0.0, 1.0, "a number in [0, 1]"), ("eta", 1.0, 10.0, "a number in [1, 10]"),
+        for key, lo, hi, text in (("alpha_max", 0.0, 1.0, "a number in [0, 1]"),
+                                  ("eta", 1.0, 10.0, "a number in [1, 10]"),
                                   ("beta", _TINY, 1.0, "a number in (0, 1]")):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo <= v <= hi:
@@ -204,8 +207,21 @@ class FABT(Attack):
             if s.early_stop and not w.drop_fooled():
                 return
             if i < s.steps:
+                self._go_back(model, w)
                 w.p = self._step(w)
         w.store()
+
+    def _go_back(self, model, w: _FABWalk) -> None:
+        """Fooling iterates (outside eps, or any without early stop) go back towards x,
+        p := x + beta (p - x), and are linearised there (one forward and one backward of those
+        samples only), as the reference does before its next step."""
+        rows = w.fool.nonzero().reshape(-1)
+        if rows.numel() == 0:
+            return
+        back = w.x[rows] + self.settings.beta * (w.p[rows] - w.x[rows])
+        _, f, grad = self._loss_and_grad(model, back, w.pair[rows], logit_gap)
+        w.p, w.f, w.grad = (v.index_put((rows,), new) for v, new in ((w.p, back), (w.f, f), (w.grad, grad)))
+        w.fool = torch.zeros_like(w.fool)
 
     def _linearise(self, model, w: _FABWalk, gradient: bool) -> None:
         """f(p) = z_t - z_y and its gradient (one forward and one backward; the last iterate needs
@@ -237,16 +253,15 @@ class FABT(Attack):
         return hit.index_put((rows,), agree)
 
     def _step(self, w: _FABWalk) -> torch.Tensor:
-        """The FAB step: back towards x after a fooling iterate (beta), project that point and x onto
-        the plane linearised at p (inside the box), go to the alpha-weighted mix, overshot by eta."""
+        """The FAB step: project p and x onto the plane linearised at p (inside the box), go to the
+        alpha-weighted mix, overshot by eta."""
         s, geo = self.settings, self.threat.geometry
-        base = torch.where(per_sample(w.fool, w.p), w.x + s.beta * (w.p - w.x), w.p)
         g, p = w.grad.flatten(1), w.p.flatten(1)
-        points = torch.stack((base.flatten(1), w.x.flatten(1)))  # (2, n, d): project both at once
+        points = torch.stack((p, w.x.flatten(1)))  # (2, n, d): project both at once
         c = w.f + ((points - p) * g).sum(dim=-1)  # the plane f(p) + <g, z - p> = 0 seen from each z
         d = project_onto_plane(points, g, c, geo.step(g, 1.0))
         d_cur, d_orig = d.view(2, *w.p.shape).unbind(0)
         n_cur, n_orig = geo.norm(d_cur).clamp_min(1e-8), geo.norm(d_orig).clamp_min(1e-8)
         a = per_sample((n_cur / (n_cur + n_orig)).clamp(max=s.alpha_max), w.p)
-        return ((1 - a) * (base + s.eta * d_cur) + a * (w.x + s.eta * d_orig)).clamp_(0, 1)
+        return ((1 - a) * (w.p + s.eta * d_cur) + a * (w.x + s.eta * d_orig)).clamp_(0, 1)
 

@@ -129,15 +129,32 @@ def test_early_stopping_changes_the_cost_and_the_norms_not_the_verdicts():
 
 def test_one_forward_and_one_backward_per_iteration():
     model = tiny_model(2)
-    x = torch.rand(9, 1, 4, 4)
     with torch.no_grad():
-        y = model(x).argmax(1)
-    atk = attacks.create("fab-t", threat=ThreatModel("l2", 1e-4), steps=7, n_target_classes=4)
-    atk(model, x, y)  # nobody is fooled within so small an eps: every walk runs to its end
+        model[-1].bias[0] += 1e3  # class 0 wins everywhere in the box: nothing fools, no step goes back
+    x = torch.rand(9, 1, 4, 4)
+    y = torch.zeros(9, dtype=torch.long)
+    atk = attacks.create("fab-t", threat=ThreatModel("l2", 0.5), steps=7, n_target_classes=4)
+    assert torch.equal(atk(model, x, y), x)  # every walk runs to its end
     k, steps = 4, 7
     assert atk.last_stats == {"forward": 1 + k * (steps + 1), "backward": k * steps,
                               "forward_samples": 9 * (1 + k * (steps + 1)), "backward_samples": 9 * k * steps}
     assert atk.planned_forwards() == 1 + k * (steps + 1)
+
+
+def test_a_fooling_iterate_outside_eps_goes_back_with_one_more_pass_of_those_samples():
+    model = tiny_model(2)
+    x = torch.rand(9, 1, 4, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    k, steps = 4, 7
+    atk = attacks.create("fab-t", threat=ThreatModel("l2", 1e-4), steps=steps, n_target_classes=k)
+    atk(model, x, y)  # fooling points lie outside so small an eps: they go back towards x
+    st = atk.last_stats
+    extra, extra_samples = st["backward"] - k * steps, st["backward_samples"] - 9 * k * steps
+    assert 0 < extra <= k * (steps - 1) and 0 < extra_samples <= 9 * k * (steps - 1)
+    # each going back is one forward and one backward of the samples going back, nothing else
+    assert (st["forward"], st["forward_samples"]) == (1 + k * (steps + 1) + extra,
+                                                      9 * (1 + k * (steps + 1)) + extra_samples)
 
 
 def test_registered_with_autoattacks_defaults_and_refuses_bad_settings():
