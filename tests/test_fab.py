@@ -241,7 +241,7 @@ def test_robust_accuracy_and_norms_agree_with_the_reference(trained_smallcnn, no
     ours, theirs, d_ours, d_theirs = compare_with_reference(model, x, y, ThreatModel(norm, eps), steps=10, k=2)
     assert 10 <= int(theirs.sum()) <= 90  # a case that tells attacks apart
     # measured (benchmarks/fab_compare.py --steps 10 --targets 2 --no-early-stop): the same 25 / 23
-    # samples fooled, mean norms 0.0452 vs 0.0452 (linf), 0.4890 vs 0.4897 (l2)
+    # samples fooled, mean norms 0.0452 vs 0.0452 (linf), 0.4897 vs 0.4897 (l2)
     assert int((ours != theirs).sum()) <= 1
     both = ours & theirs
     ratio = float(d_ours[both].mean() / d_theirs[both].mean())
