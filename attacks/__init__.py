@@ -3,8 +3,9 @@
     attack = attacks.create("pgd", threat=ThreatModel("linf", 8/255), steps=10)
     x_adv = attack(model, x, y)          # same shape, within the threat model
 
-Built-in: fgsm, bim (alias ifgsm), pgd, and apgd-ce, apgd-dlr, apgd-t (attacks.apgd, own loop);
-autoattack, the reference AutoAttack (attacks.reference; needs the optional package pyautoattack).
+Built-in: fgsm, bim (alias ifgsm), pgd, apgd-ce, apgd-dlr, apgd-t (attacks.apgd, own loop),
+fab-t (attacks.fab, own loop); autoattack, the reference AutoAttack (attacks.reference; needs the
+optional package pyautoattack).
 Third-party attacks register on import through the ``advbench.attacks`` entry-point group, e.g.
 in their pyproject.toml:
 ``[project.entry-points."advbench.attacks"] mine = "mypkg.my_attack"`` where my_attack does
@@ -22,7 +23,7 @@ from typing import Any, List, Optional
 
 from robustbench_lite.threat import ThreatModel
 
-from . import apgd, bim, fgsm, pgd, reference  # noqa: F401  (the built-in attacks register themselves on import)
+from . import apgd, bim, fab, fgsm, pgd, reference  # noqa: F401  (the built-in attacks register themselves on import)
 from .engine import ATTACKS, Attack, AttackConfig, attack_mode, defaults, parameters, random_targets, unwrap
 
 

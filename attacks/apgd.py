@@ -96,6 +96,13 @@ def checkpoints(n_iter: int) -> List[int]:
     return out
 
 
+def top_other_classes(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, min(k, C - 1)): per sample the classes != y with the highest logits, best first (the
+    target classes of APGD-T and FAB-T)."""
+    k = min(k, logits.shape[1] - 1)
+    return logits.scatter(1, y.reshape(-1, 1), float("-inf")).topk(k, dim=1).indices
+
+
 @dataclass(frozen=True)
 class APGDConfig(AttackConfig):
     """The engine's settings plus APGD's own: ``rho`` (the fraction of successful steps below
@@ -329,5 +336,4 @@ class APGDT(APGD):
         c = logits.shape[1]
         if c < 4:
             raise AdvbenchError(f"attack {self.name!r}: the targeted DLR loss needs at least 4 classes (got {c})")
-        k = min(self.settings.n_target_classes, c - 1)
-        return logits.scatter(1, y.reshape(-1, 1), float("-inf")).topk(k, dim=1).indices
+        return top_other_classes(logits, y, self.settings.n_target_classes)

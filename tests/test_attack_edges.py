@@ -97,7 +97,7 @@ def test_apgd_when_the_last_iterate_fools_part_of_the_batch(model_name, request)
 
 # --- images outside [0, 1] ----------------------------------------------------------------------------
 RANGE_ERROR = "images must be finite and in [0, 1] (normalisation belongs inside the model)"
-BUILTIN = ("fgsm", "bim", "pgd", "apgd-ce", "apgd-dlr", "apgd-t")
+BUILTIN = ("fgsm", "bim", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
 
 
 class CountingModel(nn.Module):
