@@ -4,6 +4,8 @@ AutoAttack's SquareAttack (pyautoattack)."""
 from __future__ import annotations
 
 import copy
+import csv
+import json
 
 import pytest
 import torch
@@ -14,7 +16,9 @@ from torch import nn
 import attacks
 from attacks import square as square_mod
 from attacks.square import meta_pseudo_gaussian, square_fraction
+from robustbench_lite.checkpoint import build_checkpoint, save_checkpoint
 from robustbench_lite.errors import AdvbenchError
+from robustbench_lite.models import Quantized
 from robustbench_lite.threat import ThreatModel
 
 
@@ -148,21 +152,9 @@ def test_square_runs_on_a_model_without_gradients():
     assert robust_count(model, x_adv, y) <= 8 and atk.last_stats["backward"] == 0  # clean: 16 of 16
 
 
-class Quantised(nn.Module):
-    """Gradient masking by input quantisation to 4 levels: the forward rounds every pixel to k/3, so
-    the input gradient is zero everywhere (Athalye et al. 2018, 'shattered gradients')."""
-
-    def __init__(self, body: nn.Module):
-        super().__init__()
-        self.body = body
-
-    def forward(self, x):
-        return self.body(torch.round(x * 3) / 3)
-
-
 def test_square_breaks_a_gradient_masked_model_that_apgd_cannot(trained_smallcnn):
     body, x, y = trained_smallcnn
-    model = Quantised(copy.deepcopy(body)).eval()
+    model = Quantized(copy.deepcopy(body)).eval()  # inputs rounded to 4 levels: zero input gradient
     x, y = x[:60], y[:60]
     with torch.no_grad():
         ok = model(x).argmax(1) == y
@@ -172,6 +164,34 @@ def test_square_breaks_a_gradient_masked_model_that_apgd_cannot(trained_smallcnn
     square = robust_count(model, attacks.create("square", threat=threat, steps=100)(model, x, y), y)
     assert apgd >= 0.9 * len(y)  # the zero gradient leaves APGD with its random start
     assert square <= apgd - 0.2 * len(y)  # the issue's bar: at least 20 points below APGD
+
+
+def test_the_leaderboard_row_of_a_masked_model_shows_square_below_apgd(trained_smallcnn, mnist5k, tmp_path):
+    """`advbench attack` on a quantized:smallcnn checkpoint: the model's name says it is quantized, and
+    the worst-case row is Square's, far below APGD-CE's."""
+    from typer.testing import CliRunner
+
+    from robustbench_lite.cli import app
+
+    body, _, _ = trained_smallcnn
+    ckpt = tmp_path / "quantized.pt"
+    save_checkpoint(ckpt, build_checkpoint(Quantized(copy.deepcopy(body)), dataset=mnist5k.name))
+    results = tmp_path / "results"
+    r = CliRunner().invoke(app, ["attack", "--checkpoint", str(ckpt), "--eps", "0.3", "--attack", "apgd-ce,square",
+                                 "--steps", "30", "-n", "40", "--results-dir", str(results), "--device", "cpu",
+                                 "--json"])
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["model"] == "quantized:smallcnn"
+    (t,) = out["threats"]
+    apgd, square = t["attacks"]["apgd-ce"]["robust_acc"], t["attacks"]["square"]["robust_acc"]
+    assert apgd >= 0.8 and square <= apgd - 0.2, (apgd, square)
+    with open(results / "leaderboard.csv") as f:
+        rows = {row["attack"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"apgd-ce", "square", "worst-case"}
+    assert all(row["model"] == "quantized:smallcnn" for row in rows.values())
+    assert float(rows["worst-case"]["robust_acc"]) == float(rows["square"]["robust_acc"]) < \
+        float(rows["apgd-ce"]["robust_acc"]) - 0.2
 
 
 # --- bf16 ------------------------------------------------------------------------------------------
@@ -254,6 +274,7 @@ def reference_positions(u, s, size):
     return local, (local >= 0) & (local < s)
 
 
+@pytest.mark.slow  # about a minute of CPU each on 2 cores (the reference and ours on the trained smallcnn)
 @pytest.mark.parametrize("norm, eps, n", [("linf", 0.2, 200), ("l2", 2.0, 100)])
 def test_robust_accuracy_agrees_with_the_reference(trained_smallcnn, monkeypatch, norm, eps, n):
     """Robust accuracy of our square vs pyautoattack's SquareAttack (AutoAttack's settings: p_init 0.8,
