@@ -17,6 +17,7 @@
     python benchmarks/attack_speed.py --device cpu --n 128 --json results/bench_attack_speed.json
     python benchmarks/attack_speed.py --device cuda --models resnet18,preact-resnet18 --n-resnet 4096 \
         --batch-size 512 --variants base,bf16,channels_last,bf16+channels_last,compile --json ...
+    python benchmarks/attack_speed.py --models "" --no-early-stopping --square --eps-trained 0.15   # part 3 only
 
 Not a test: speed is printed as ratios, never asserted.
 """
