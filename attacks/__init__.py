@@ -23,7 +23,7 @@ from typing import Any, List, Optional
 
 from robustbench_lite.threat import ThreatModel
 
-from . import apgd, bim, fab, fgsm, pgd, reference  # noqa: F401  (the built-in attacks register themselves on import)
+from . import apgd, bim, fab, fgsm, pgd, reference, square  # noqa: F401  (the built-in attacks register themselves on import)
 from .engine import ATTACKS, Attack, AttackConfig, attack_mode, defaults, parameters, random_targets, unwrap
 
 

@@ -15,11 +15,16 @@
    Ours is timed as the evaluator runs an attack (the attack, the threat-model check, the float32
    predictions it records: evaluator._attack_batch); torchattacks bare and with the prediction of
    its output that an evaluation needs. Run it on two checkouts (interleaved) to compare them.
+4. Square Attack (--square): on the same trained smallcnn, the time per query over one no-grad
+   forward of the same batch (early stopping off: every sample every query), then our square and
+   the reference's (pyautoattack's SquareAttack, as AutoAttack's standard runs it) with early
+   stopping on the same clean-correct images: robust accuracy and seconds of each.
 
     python benchmarks/attack_speed.py --device cpu --n 128 --json results/bench_attack_speed.json
     python benchmarks/attack_speed.py --models '' --no-early-stopping --side-by-side --repeats 5
     python benchmarks/attack_speed.py --device cuda --models resnet18,preact-resnet18 --n-resnet 4096 \
         --batch-size 512 --variants base,bf16,channels_last,bf16+channels_last,compile --json ...
+    python benchmarks/attack_speed.py --models "" --no-early-stopping --square --eps-trained 0.15   # part 4 only
 
 Not a test: speed is printed as ratios, never asserted.
 """
@@ -258,6 +263,60 @@ def print_side_by_side(args, side_rows: List[Dict]) -> None:
         print(f"{r['attack']:8} {r['variant']:30} {r['seconds']:9.3f} {r['floor_seconds']:9.3f} {r['ratio']:7.3f}")
 
 
+# -- 4. Square Attack: the cost of a query, and the reference's Square side by side -----------------------
+def forward_passes(model, x, bs, passes: int) -> Callable[[], None]:
+    """``passes`` x one no-grad forward over x in batches: the floor of a score-based attack."""
+    def run():
+        with torch.no_grad():
+            for s in batches(len(x), bs):
+                for _ in range(passes):
+                    model(x[s])
+
+    return run
+
+
+def square_speed(args, device) -> List[Dict]:
+    """Square's seconds per query over one forward (early stopping off), then ours vs the reference's
+    with early stopping: robust accuracy over the n images and seconds (one timed run each)."""
+    from pyautoattack.square import SquareAttack  # the optional reference implementation
+
+    model, x, y = train_one_epoch(device)
+    x, y = x[:args.n_square], y[:args.n_square]
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    xc, yc = x[ok], y[ok]
+    threat, q, bs = ThreatModel("linf", args.eps_trained), args.square_queries, args.batch_size
+    k = args.square_ratio_queries
+    no_stop = attacks.create("square", threat=threat, steps=k, early_stop=False)
+    t, _ = best_of({"floor": forward_passes(model, xc, bs, k + 1), "square": attack_fn(model, no_stop, xc, yc, bs)},
+                   device, args.repeats)
+    rows = [dict(part="per query", n=len(yc), queries=k, seconds=t["square"], floor_seconds=t["floor"],
+                 ratio=t["square"] / t["floor"])]
+    ref = SquareAttack(model, norm="Linf", eps=threat.eps, n_queries=q, p_init=0.8, n_restarts=1, seed=0,
+                       device=device, resc_schedule=False)
+    ours = attacks.create("square", threat=threat, steps=q)
+    for name, run in (("reference", lambda: ref.perturb(xc, yc)), ("ours", attack_fn(model, ours, xc, yc, bs))):
+        out = {}
+        seconds = timed(lambda: out.setdefault("x", run()), device)
+        with torch.no_grad():
+            robust = int((model(out["x"]).argmax(1) == yc).sum())
+        rows.append(dict(part=name, n=len(y), clean=int(ok.sum()), queries=q, eps=threat.eps, seconds=seconds,
+                         robust_accuracy=robust / len(y)))
+    return rows
+
+
+def print_square(args, rows: List[Dict]) -> None:
+    r = rows[0]
+    print(f"\n4. square: {r['queries'] + 1} queries (early stopping OFF) / {r['queries'] + 1} x one forward, "
+          f"{r['n']} images: {r['seconds']:.3f}s / {r['floor_seconds']:.3f}s = ratio {r['ratio']:.3f}")
+    print(f"   square vs the reference on smallcnn (1 epoch, mnist-5k), linf eps={args.eps_trained:g}, "
+          f"{rows[1]['queries']} queries, n={rows[1]['n']} ({rows[1]['clean']} clean-correct)")
+    print(f"   {'':10} {'robust acc':>11} {'seconds':>9}")
+    for r in rows[1:]:
+        print(f"   {r['part']:10} {r['robust_accuracy']:11.3f} {r['seconds']:9.1f}")
+    print(f"   time ratio ours / reference {rows[2]['seconds'] / rows[1]['seconds']:.2f}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -282,6 +341,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-early-stopping", action="store_true", help="skip part 2")
     p.add_argument("--side-by-side", action="store_true", help="run part 3 (needs torchattacks)")
     p.add_argument("--n-side", type=int, default=2048, help="images of part 3 (one batch)")
+    p.add_argument("--square", action="store_true", help="part 4: Square Attack (needs pyautoattack)")
+    p.add_argument("--n-square", type=int, default=500, help="images of part 4")
+    p.add_argument("--square-queries", type=int, default=1000, help="queries of ours and the reference's Square")
+    p.add_argument("--square-ratio-queries", type=int, default=100, help="queries of the per-query ratio")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -303,7 +366,8 @@ def main(argv=None) -> int:
           f"batch {args.batch_size} | best of {args.repeats} | clock {CLOCK}")
     parts = [("overhead", overhead, print_overhead, True),
              ("early_stopping", early_stopping, print_early_stopping, not args.no_early_stopping),
-             ("side_by_side", side_by_side, print_side_by_side, args.side_by_side)]
+             ("side_by_side", side_by_side, print_side_by_side, args.side_by_side),
+             ("square", square_speed, print_square, args.square)]
     figures = {}
     for key, run, show, wanted in parts:
         figures[key] = run(args, device) if wanted else []

@@ -476,14 +476,14 @@ def attack_cmd(
                                                                 "attack's own robust accuracy. The default of "
                                                                 "--attack lists."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Steps of the iterative attacks (default per attack: "
-                                                              "bim 10, pgd 10, apgd-* 100; see `advbench list`)."),
+                                                              "bim 10, pgd 10, apgd-* 100, square 5000 queries; see `advbench list`)."),
     alpha: Optional[str] = typer.Option(None, "--alpha", help="Step size of the iterative attacks, e.g. 2/255 "
                                                               "(default per attack: bim 1.25*eps/steps, pgd "
                                                               "2.5*eps/steps, apgd-* 2*eps then adaptive)."),
     restarts: Optional[int] = typer.Option(None, "--restarts", help="Random restarts of the random-start attacks "
-                                                                    "(default per attack: pgd 1, apgd-* 1)."),
+                                                                    "(default per attack: pgd 1, apgd-* 1, square 1)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="ce, margin, dlr, ... (default per attack: ce; apgd-dlr "
-                                                            "dlr, apgd-t dlr-targeted)."),
+                                                            "dlr, apgd-t dlr-targeted, square margin)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d",
                                           help="Dataset name or npz:PATH. Default: the checkpoint's dataset, else "
                                                "mnist-5k (MNIST digits, 1x28x28) whatever the model: "

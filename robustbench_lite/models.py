@@ -2,7 +2,8 @@
 activation name, and starts with a Normalize layer: models eat images in [0, 1].
 
 Built-in: smallcnn (Madry et al. MNIST net), lenet, resnet18/34/50 (CIFAR-style 3x3 stem),
-preact-resnet18, wrn-28-10, wrn-34-10, and any torchvision classifier as tv:NAME.
+preact-resnet18, wrn-28-10, wrn-34-10, and any torchvision classifier as tv:NAME. quantized:NAME is
+NAME behind 4-level input quantisation, a deliberately gradient-masked model (below).
 """
 from __future__ import annotations
 
@@ -303,6 +304,30 @@ def _replace_relu(module: nn.Module, act: ActFactory) -> None:
 
 
 MODELS.register_prefix("tv:", _torchvision_model)
+
+
+class Quantized(Classifier):
+    """A Classifier whose inputs are rounded to ``levels`` grey levels (k / (levels - 1)) before
+    Normalize: a deliberately gradient-masked model. Rounding has a zero derivative, so the input
+    gradient is zero everywhere ("shattered gradients", Athalye et al. 2018): gradient attacks see
+    nothing to climb and report a robustness that a score-based attack (square) shows to be false."""
+
+    def __init__(self, inner: Classifier, levels: int = 4):
+        super().__init__(inner.body, inner.normalize.mean.flatten().tolist(), inner.normalize.std.flatten().tolist(),
+                         dict(inner.spec, name=f"quantized:{inner.spec['name']}"))
+        self.levels = levels
+
+    def forward(self, x):
+        k = self.levels - 1
+        return super().forward(torch.round(x * k) / k)
+
+
+def _quantized_model(inner_name: str, **kwargs) -> Classifier:
+    """NAME behind 4-level input quantisation: gradient-masked on purpose (e.g. quantized:smallcnn)"""
+    return Quantized(create_model(inner_name, **kwargs))
+
+
+MODELS.register_prefix("quantized:", _quantized_model)
 
 
 def create_model(name: str, *, in_channels: int = 3, num_classes: int = 10, input_size: int = 32,

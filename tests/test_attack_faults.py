@@ -369,7 +369,8 @@ def test_the_rand_suite_is_autoattacks_rand_version():
 # -- fault 8: one forward too many ---------------------------------------------------------------------
 VERDICT_CASES = [(n, keep, es) for n in ("fgsm", "bim", "pgd") for keep in ("first-fool", "best-loss")
                  for es in (True, False)] + [(n, "first-fool", es) for n in APGD for es in (True, False)] + [
-                 ("fab-t", "best-loss", es) for es in (True, False)]
+                 ("fab-t", "best-loss", es) for es in (True, False)] + [
+                 ("square", "first-fool", es) for es in (True, False)]
 
 
 @pytest.mark.parametrize("name, keep, early_stop", VERDICT_CASES)
@@ -380,7 +381,7 @@ def test_every_verdict_is_a_float32_prediction_of_the_returned_point(name, keep,
     model, x_test, y_test = trained_smallcnn
     x, y = x_test[:48], y_test[:48]
     extra = {"n_target_classes": 3} if name in ("apgd-t", "fab-t") else {}
-    steps = {"fgsm": 1, "bim": 5, "pgd": 5}.get(name, 8)
+    steps = {"fgsm": 1, "bim": 5, "pgd": 5, "square": 60}.get(name, 8)
     restarts = 2 if name in ("pgd", "apgd-ce") else 1
     atk = attacks.create(name, threat=ThreatModel("linf", 0.1), steps=steps, keep=keep, early_stop=early_stop,
                          restarts=restarts, **extra)

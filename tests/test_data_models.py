@@ -92,6 +92,25 @@ def test_normalize_is_inside_the_model():
     assert torch.allclose(m.normalize(x), (x - 0.5) / 0.25)
 
 
+def test_a_quantized_model_rounds_its_inputs_to_4_levels_and_has_no_input_gradient(mnist5k, tmp_path):
+    from robustbench_lite.checkpoint import build_checkpoint, model_from_checkpoint, save_checkpoint
+
+    model = model_for_dataset("quantized:smallcnn", mnist5k).eval()
+    assert model.spec["name"] == "quantized:smallcnn" and model.levels == 4
+    inner = create_model("smallcnn", in_channels=1, num_classes=10, input_size=28, mean=mnist5k.mean,
+                         std=mnist5k.std)
+    inner.load_state_dict(model.state_dict())  # the same parameters: the quantiser has none
+    x = torch.rand(8, 1, 28, 28, requires_grad=True)
+    grey = torch.round(x.detach() * 3) / 3
+    assert torch.equal(model(x), inner(grey)) and torch.equal(model(grey), inner(grey))
+    model(x).sum().backward()
+    assert torch.count_nonzero(x.grad) == 0  # shattered gradients: what gradient attacks see
+    path = tmp_path / "q.pt"
+    save_checkpoint(path, build_checkpoint(model, dataset=mnist5k.name))
+    again, ckpt = model_from_checkpoint(path, "quantized:smallcnn", mnist5k)
+    assert ckpt["model"] == "quantized:smallcnn" and torch.equal(again(grey), model(grey))
+
+
 def test_activation_is_applied_everywhere():
     m = create_model("resnet18", in_channels=3, num_classes=10, input_size=32, activation="silu")
     kinds = {type(mod).__name__ for mod in m.modules()}

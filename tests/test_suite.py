@@ -268,10 +268,11 @@ def test_attack_help_states_the_per_attack_defaults():
 
     r = runner.invoke(app, ["attack", "--help"], env={"COLUMNS": "400"})
     text = " ".join(r.stdout.replace("│", " ").split())
-    d = {n: attacks.ATTACKS.get(n).defaults for n in ("bim", "pgd", "apgd-ce", "apgd-dlr", "apgd-t")}
-    assert f"default per attack: bim {d['bim']['steps']}, pgd {d['pgd']['steps']}, apgd-* {d['apgd-ce']['steps']}" \
-        in text
-    assert f"(default per attack: pgd {d['pgd']['restarts']}, apgd-* {d['apgd-ce']['restarts']})" in text
-    assert f"apgd-dlr {d['apgd-dlr']['loss']}, apgd-t {d['apgd-t']['loss']}" in text
+    d = {n: attacks.ATTACKS.get(n).defaults for n in ("bim", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square")}
+    assert f"default per attack: bim {d['bim']['steps']}, pgd {d['pgd']['steps']}, apgd-* {d['apgd-ce']['steps']}, " \
+        f"square {d['square']['steps']} queries" in text
+    assert f"(default per attack: pgd {d['pgd']['restarts']}, apgd-* {d['apgd-ce']['restarts']}, " \
+        f"square {d['square']['restarts']})" in text
+    assert f"apgd-dlr {d['apgd-dlr']['loss']}, apgd-t {d['apgd-t']['loss']}, square {d['square']['loss']})" in text
     assert "bim 1.25*eps/steps, pgd 2.5*eps/steps" in text
     assert "else mnist-5k (MNIST digits, 1x28x28) whatever the model" in text
