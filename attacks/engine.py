@@ -313,6 +313,10 @@ class Attack:
     # rng stream of restart 0's random start (restart r: start_stream + r); an attack with random
     # starts takes one of its own, so that two attacks never start a sample at the same point
     start_stream = 0
+    # the settings `advbench attack` gives once for all its attacks (specs.with_overrides) that this
+    # attack takes; one whose loop fixes a setting (Square's margin loss, FAB's steps to the
+    # boundary: no step size) leaves it out
+    overridable: Tuple[str, ...] = ("steps", "alpha", "restarts", "loss")
     # optional progress hook, called after every forward pass with the fraction (0..1) of this
     # call's planned passes done (planned_forwards); plain Python, no device sync
     on_step: Optional[Callable[[float], None]] = None

@@ -151,6 +151,7 @@ class FABT(Attack):
     name = "fab-t"
     defaults: Dict[str, Any] = {"steps": 100, "random_start": True, "restarts": 1, "keep": "best-loss"}
     config_class = FABConfig
+    overridable = ("steps", "restarts")  # the step goes to the linearised boundary: no alpha, no loss
 
     @staticmethod
     def default_alpha(eps: float, steps: int) -> float:

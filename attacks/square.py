@@ -260,6 +260,7 @@ class Square(Attack):
     name = "square"
     defaults: Dict[str, Any] = {"steps": 5000, "random_start": True, "restarts": 1, "loss": "margin"}
     config_class = SquareConfig
+    overridable = ("steps", "restarts")  # steps: the query budget; loss and step size are fixed
 
     @staticmethod
     def default_alpha(eps: float, steps: int) -> float:

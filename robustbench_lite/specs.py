@@ -157,31 +157,31 @@ def with_overrides(names: Union[str, Iterable[Any]], steps: Optional[int] = None
                    amp: Optional[str] = None) -> List[AttackSpec]:
     """Attack specs with settings given once for all of them (`advbench attack`'s options): ``steps``
     and ``alpha`` go to the iterative attacks (not to single-step ones such as fgsm), ``restarts``
-    to the random-start ones (pgd), ``loss`` and ``amp`` to all. A setting that fits none of the
-    attacks is a SettingError."""
+    to the random-start ones (pgd), ``loss`` to those with a loss to choose, ``amp`` to all; each only
+    to attacks that take it (Attack.overridable: square takes steps and restarts, not alpha or
+    loss). A setting that fits none of the attacks is a SettingError."""
     specs = parse_attack_specs(names)
     alpha_v = parse_eps(alpha, setting="alpha") if alpha is not None else None
-    out, used = [], {"steps": False, "alpha": False, "restarts": False}
+    out, used = [], {"steps": False, "alpha": False, "restarts": False, "loss": False}
     for s in specs:
         d = attacks.defaults(s.name)
+        takes = getattr(attacks.ATTACKS.get(s.name), "overridable", attacks.Attack.overridable)
         params = dict(s.params)
         iterative = d.get("steps", 1) != 1
-        if steps is not None and iterative:
-            params["steps"], used["steps"] = steps, True
-        if alpha_v is not None and iterative:
-            params["alpha"], used["alpha"] = alpha_v, True
-        if restarts is not None and iterative and d.get("random_start"):
-            params["restarts"], used["restarts"] = restarts, True
-        if loss is not None:
-            params["loss"] = loss
+        for key, value, fits in (("steps", steps, iterative), ("alpha", alpha_v, iterative),
+                                 ("restarts", restarts, iterative and d.get("random_start")),
+                                 ("loss", loss, True)):
+            if value is not None and fits and key in takes:
+                params[key], used[key] = value, True
         if amp is not None:
             params["amp"] = amp
         out.append(AttackSpec(s.name, params, s.label, s.factory))
-    for name, given in (("steps", steps), ("alpha", alpha), ("restarts", restarts)):
+    kinds = {"steps": "iterative (bim, pgd)", "alpha": "step-size (bim, pgd, apgd)",
+             "restarts": "random-start (pgd)", "loss": "loss-driven (fgsm, bim, pgd, apgd)"}
+    for name, given in (("steps", steps), ("alpha", alpha), ("restarts", restarts), ("loss", loss)):
         if given is not None and not used[name]:
-            kind = "random-start (pgd)" if name == "restarts" else "iterative (bim, pgd)"
             labels = ", ".join(s.label for s in specs)
-            raise SettingError(f"{{{name}}} applies to {kind} attacks only, and none of {labels} is one", name)
+            raise SettingError(f"{{{name}}} applies to {kinds[name]} attacks only, and none of {labels} is one", name)
     return out
 
 
@@ -240,10 +240,13 @@ def _is_count(v: Any) -> bool:
 ATTACK_SUITES: Dict[str, AttackSuite] = {
     "standard": AttackSuite(
         ({"name": "apgd-ce", "steps": 100, "label": "apgd-ce"},
-         {"name": "apgd-t", "steps": 100, "n_target_classes": 9, "label": "apgd-t"}),
+         {"name": "apgd-t", "steps": 100, "n_target_classes": 9, "label": "apgd-t"},
+         {"name": "fab-t", "steps": 100, "n_target_classes": 9, "label": "fab-t"},
+         {"name": "square", "steps": 5000, "p_init": 0.8, "label": "square"}),
         cascade=True, reportable=True,
         description="AutoAttack's standard version on our engine (Croce & Hein, ICML 2020): APGD-CE, "
-                    "APGD-T (9 targets), each on the survivors of the ones before"),
+                    "APGD-T (9 targets), FAB-T (9 targets), Square (5,000 queries), each on the "
+                    "survivors of the ones before"),
     "rand": AttackSuite(
         ({"name": "apgd-ce", "steps": 100, "eot": 20, "label": "apgd-ce"},
          {"name": "apgd-dlr", "steps": 100, "eot": 20, "label": "apgd-dlr"}),

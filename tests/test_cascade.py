@@ -152,7 +152,7 @@ def test_named_suites_are_frozen_objects_with_their_mode_and_description():
     assert std.cascade and std.reportable and not quick.cascade and not quick.reportable
     with pytest.raises(Exception):
         std.cascade = False  # frozen
-    assert [s.label for s in suite_attack_specs("standard")][:2] == ["apgd-ce", "apgd-t"]
+    assert [s.label for s in suite_attack_specs("standard")] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert suite_attack_specs("standard", amp="bf16")[0].params["amp"] == "bf16"
     with pytest.raises(AdvbenchError, match="unknown attack suite 'standrd' \\(did you mean 'standard'"):
         suite_attack_specs("standrd")
@@ -166,7 +166,8 @@ def test_evaluation_kind_needs_at_least_the_standard_attacks():
     std = suite_attack_specs("standard")
     assert evaluation_kind(resolved(std)) == "standard"
     assert evaluation_kind(resolved(std) + resolved(parse_attack_specs("fgsm"))) == "standard"  # more attacks
-    stronger = parse_attack_specs([dict(s.params, name=s.name, label=s.label, steps=200) for s in std])
+    stronger = parse_attack_specs([dict(s.params, name=s.name, label=s.label, steps=2 * s.params["steps"])
+                                   for s in std])
     assert evaluation_kind(resolved(stronger)) == "standard"
     for i in range(len(std)):  # any standard attack missing or weaker: an upper bound
         assert evaluation_kind(resolved(std[:i] + std[i + 1:])) == WEAK

@@ -132,6 +132,12 @@ def test_error_messages(tmp_path, results, trained_smallcnn_path):
     assert fails("attack", "--model", "smallcnn", "--eps", "0.1", "--attack", "fgsm", "--steps", "5",
                  "--results-dir", results) == (
         "error: --steps applies to iterative (bim, pgd) attacks only, and none of fgsm is one\n")
+    assert fails("attack", "--model", "smallcnn", "--eps", "0.1", "--attack", "square,fab-t", "--alpha", "0.01",
+                 "--results-dir", results) == (
+        "error: --alpha applies to step-size (bim, pgd, apgd) attacks only, and none of square, fab-t is one\n")
+    assert fails("attack", "--model", "smallcnn", "--eps", "0.1", "--attack", "square", "--loss", "ce",
+                 "--results-dir", results) == (
+        "error: --loss applies to loss-driven (fgsm, bim, pgd, apgd) attacks only, and none of square is one\n")
     assert fails("attack", "--model", "smallcnn", "--eps", "0.1", "--attack", "fgsm,pgx",
                  "--results-dir", results).startswith("error: unknown attack 'pgx'; did you mean 'pgd'?")
     assert fails("attack", "--model", "smallcnn", "--eps", "0.1", "--norm", "l3", "--results-dir", results) == (

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from robustbench_lite import leaderboard as lb
 from robustbench_lite.cli import app
 from robustbench_lite.errors import AdvbenchError
+from robustbench_lite.specs import with_overrides
 from robustbench_lite.suite import load_suite
 from robustbench_lite.threat import ThreatModel
 
@@ -276,3 +277,14 @@ def test_attack_help_states_the_per_attack_defaults():
     assert f"apgd-dlr {d['apgd-dlr']['loss']}, apgd-t {d['apgd-t']['loss']}, square {d['square']['loss']})" in text
     assert "bim 1.25*eps/steps, pgd 2.5*eps/steps" in text
     assert "else mnist-5k (MNIST digits, 1x28x28) whatever the model" in text
+
+
+def test_shared_settings_reach_only_the_attacks_that_take_them():
+    """`advbench attack --steps/--alpha/--restarts/--loss` go to every attack that takes the setting
+    (Attack.overridable), not to square (fixed margin loss, no step size) or fab-t (no loss, no alpha)."""
+    specs = {s.label: s.params for s in with_overrides("pgd,square,fab-t", steps=50, alpha="1/255", restarts=2,
+                                                        loss="margin")}
+    assert specs["pgd"] == {"steps": 50, "alpha": 1 / 255, "restarts": 2, "loss": "margin"}
+    assert specs["square"] == {"steps": 50, "restarts": 2} == specs["fab-t"]
+    for s in with_overrides("pgd,square,fab-t", steps=50, alpha="1/255", restarts=2, loss="margin"):
+        s.build(ThreatModel("linf", 0.1))  # every spec builds: nothing an attack refuses reached it
