@@ -11,9 +11,12 @@ the points Square takes off APGD-CE's number (the issue's bar: at least 20) and 
     python benchmarks/gradient_masking.py                  # smallcnn, mnist-5k, linf eps 0.3, 500 images
     python benchmarks/gradient_masking.py --n 1000 --json results/bench_gradient_masking.json
 
-The same numbers as leaderboard rows:
+The same numbers as leaderboard rows, then the reportable evaluation (the standard suite: Square
+comes last in its cascade and takes what the gradient attacks left), ranked first for the model:
 
-    advbench attack --model quantized:smallcnn --eps 0.3 --attack apgd-ce,square -n 500
+    advbench attack --model quantized:smallcnn --eps 0.3 --attack apgd-ce -n 500
+    advbench attack --model quantized:smallcnn --eps 0.3 --suite standard -n 500
+    advbench leaderboard --format md
 
 Not a test: nothing is asserted (tests/test_square.py checks the 20-point gap on a small scale).
 """

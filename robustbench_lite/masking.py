@@ -144,7 +144,9 @@ def _gradients(model, x: torch.Tensor, y: torch.Tensor) -> List[MaskingWarning]:
     if float(zero.float().mean()) > ZERO_GRAD_MAX_FRACTION:
         out.append(MaskingWarning("zero-gradient", f"input gradients of the logit margin are exactly zero on "
                                   f"{int(zero.sum())} of {len(zero)} clean inputs (a non-differentiable or "
-                                  f"saturated model hides its gradient)", "", float(zero.float().mean())))
+                                  f"saturated model hides its gradient; gradient attacks see nothing: run the "
+                                  f"`standard` attack suite, whose square needs no gradients)", "",
+                                  float(zero.float().mean())))
     return out
 
 
