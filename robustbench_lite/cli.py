@@ -560,16 +560,22 @@ def leaderboard_cmd(
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Only this dataset."),
     norm: Optional[str] = typer.Option(None, "--norm", help="Only this norm (linf, l2)."),
     eps: Optional[str] = typer.Option(None, "--eps", help="Only this eps (e.g. 8/255)."),
-    fmt: str = typer.Option("md", "--format", "-f", help="md, csv or json."),
+    fmt: str = typer.Option("md", "--format", "-f", help="md, csv, json or html (one self-contained page: "
+                                                         "sortable tables and robustness curves)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Write it to this file (atomically) instead of stdout."),
     results_dir: str = typer.Option("results", "--results-dir"),
 ):
     """Print the leaderboard (results/leaderboard.csv), optionally filtered."""
     from . import leaderboard as lb
+    from .fileio import atomic_write_text, check_not_directory
     from .threat import parse_eps
 
     fmt = fmt.strip().lower()
-    if fmt not in ("md", "csv", "json"):
-        raise AdvbenchError(f"invalid --format {fmt!r}: expected md, csv or json")
+    renderers = {"md": lb.render_markdown, "csv": lb.render_csv, "json": lb.render_json, "html": lb.render_html}
+    if fmt not in renderers:
+        raise AdvbenchError(f"invalid --format {fmt!r}: expected md, csv, json or html")
+    if out is not None:
+        check_not_directory(out, "--out")
     eps_v = parse_eps(eps) if eps is not None else None
     full = lb.read(results_dir)
     if dataset and not (full["dataset"].str.lower() == dataset.strip().lower()).any():
@@ -578,12 +584,21 @@ def leaderboard_cmd(
         DATASETS.canonical(dataset)  # a typo is an unknown dataset (with a suggestion), not "no results"
     df = lb.filter_rows(full, dataset=dataset, norm=norm, eps=eps_v)
     if df.empty:
-        if fmt == "json":
-            typer.echo("[]")
         what = "matching these filters " if (dataset or norm or eps) else ""
         typer.echo(f"no results yet {what}in {lb.csv_path(results_dir)} (run `advbench attack` first)", err=True)
+        if out is None:
+            if fmt == "json":
+                typer.echo("[]")
+            return
+    text = renderers[fmt](df).rstrip("\n")
+    if out is None:
+        typer.echo(text)
         return
-    typer.echo({"md": lb.render_markdown, "csv": lb.render_csv, "json": lb.render_json}[fmt](df).rstrip("\n"))
+    try:
+        atomic_write_text(out, text + "\n")
+    except OSError as exc:
+        raise AdvbenchError(f"cannot write {out}: {exc.strerror or exc}") from None
+    console.print(f"wrote {out}", markup=False, highlight=False)
 
 
 @app.command("run")
@@ -654,8 +669,8 @@ def report_cmd(
                                                        "on them)."),
     device: str = typer.Option("cpu", "--device", help="Where to re-run the attack for the examples."),
 ):
-    """Write report.md, PNG plots (robustness curve, adversarial examples, training curves) and
-    robustbench.json into the run folder."""
+    """Write report.md and report.html (one self-contained page), PNG plots (robustness curve, adversarial
+    examples, training curves) and robustbench.json into the run folder."""
     from .report import write_report
     from .runtime import check_positive, resolve_device
 

@@ -13,7 +13,9 @@ reports the strongest known attack: each entry shows, of all its runs at that th
 reportable run before a weak one, then the run with the LOWEST worst-case robust accuracy (ties:
 the one with more examples, then the latest), so a stronger later evaluation (APGD, more steps)
 replaces a weaker one, and a weak quick run never hides it. Entries with a reportable worst case
-come first, then those with an upper bound (marked ≤), each sorted by worst case.
+come first, then those with an upper bound (marked ≤), each sorted by worst case. ``render_html``
+is that markdown as one self-contained page (webpage.page: tables sortable by any column) with each
+dataset x norm's robustness curves (``robustness_curves``) embedded: the rows are rendered once.
 
 Every run also gets ``<results>/runs/<run_id>/`` with ``config.yaml`` (the resolved
 configuration), ``summary.json`` and ``outcomes.csv`` (per-sample outcomes).
@@ -46,6 +48,7 @@ from .fileio import atomic_write, atomic_write_text, csv_text, ensure_dir, locke
 from .runtime import pct
 from .specs import PER_ATTACK, WEAK, WORST_CASE
 from .threat import check_norm, format_eps
+from .webpage import figure_data_uri, page, pyplot
 
 CSV_NAME = "leaderboard.csv"
 MD_NAME = "leaderboard.md"
@@ -330,6 +333,11 @@ def table(df):
     """The leaderboard as a list of sections: (title, DataFrame) with one row per model entry (its
     strongest run: SELECTION_RULE), columns evaluation / mode / clean / attacks / worst case
     (fractions), reportable entries first, each group sorted by worst case."""
+    return [(title, t) for _, _, _, title, t in _sections(df)]
+
+
+def _sections(df):
+    """table()'s sections with what they are about: (dataset, norm, eps, title, DataFrame)."""
     if df.empty:
         return []
     sections = []
@@ -353,23 +361,30 @@ def table(df):
         t["_weak"] = t["evaluation"] == WEAK
         t = t.sort_values(["_weak", "worst case", "clean"], ascending=[True, False, False], na_position="last",
                           kind="stable").drop(columns="_weak").reset_index(drop=True)
-        sections.append((f"{dataset} · {norm} eps={format_eps(float(eps))}", t))
+        sections.append((dataset, norm, float(eps), f"{dataset} · {norm} eps={format_eps(float(eps))}", t))
     return sections
 
 
 _TEXT_COLUMNS = ("model", "defense", "activation", "checkpoint", "n", "evaluation", "mode", "run")
 
 
-def render_markdown(df) -> str:
+def render_markdown(df, figures: Optional[Mapping[tuple, str]] = None) -> str:
+    """leaderboard.md. ``figures`` (dataset, norm) -> an image's source: a section of that dataset and
+    norm's robustness curves before its first table (the HTML page's curves)."""
     lines = ["# advbench leaderboard", "",
              "Robust accuracy (%) under each attack (in a cascade: after it and the attacks before it); "
              "*worst case* counts a sample as robust only if it survives every attack. " + SELECTION_RULE + " "
              f"Rendered from `{CSV_NAME}` (the source of truth); do not edit by hand.", ""]
-    sections = table(df)
+    sections = _sections(df)
     if not sections:
         lines.append("No results yet.")
         return "\n".join(lines) + "\n"
-    for title, t in sections:
+    figures = dict(figures or {})
+    for dataset, norm, _, title, t in sections:
+        src = figures.pop((dataset, norm), None)
+        if src is not None:
+            alt = f"robustness curves, {dataset} {norm}".translate(str.maketrans("[]", "()"))
+            lines += [f"## {dataset} · {norm}: robustness curves", "", CURVES_CAPTION, "", f"![{alt}]({src})", ""]
         lines += [f"## {title}", ""]
         acc_cols = [c for c in t.columns if c not in _TEXT_COLUMNS]
         header = ["#", "model", "defense", "activation", "checkpoint", "n", "evaluation"] + acc_cols + ["run"]
@@ -379,6 +394,50 @@ def render_markdown(df) -> str:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _markdown_cells(i, row, acc_cols)) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+CURVES_CAPTION = ("Worst-case robust accuracy (%) against eps of each model entry's row in the tables below "
+                  "(eps 0: its clean accuracy); a hollow marker is an upper bound (weak attacks only, ≤).")
+
+
+def robustness_curves(df) -> Dict[tuple, str]:
+    """(dataset, norm) -> a PNG data URI: worst-case robust accuracy against eps of every model entry
+    in the tables of that dataset and norm (the rows render_markdown shows)."""
+    curves: Dict[tuple, Dict[tuple, list]] = {}
+    for dataset, norm, eps, _, t in _sections(df):
+        for _, row in t.iterrows():
+            key = (row["model"], row["checkpoint"], row["defense"], row["activation"])
+            curves.setdefault((dataset, norm), {}).setdefault(key, []).append(
+                (eps, row["worst case"], row["evaluation"] == WEAK, row["clean"]))
+    plt = pyplot()
+    out = {}
+    for (dataset, norm), entries in curves.items():
+        fig, ax = plt.subplots(figsize=(7.5, max(3.8, 1.2 + 0.16 * len(entries))))  # room for the legend
+        for k, ((model, sha, defense, activation), pts) in enumerate(entries.items()):
+            pts.sort()
+            xs, ys = [0.0] + [p[0] for p in pts], [100 * pts[0][3]] + [100 * p[1] for p in pts]
+            line, = ax.plot(xs, ys, linestyle=("-", "--", "-.", ":")[k % 4], linewidth=1.6,
+                            label=f"{model} · {defense} · {activation} · {sha[:8]}")
+            for (e, _, weak, _), y in zip(pts, ys[1:]):
+                ax.plot([e], [y], marker="o", markersize=6, color=line.get_color(),
+                        markerfacecolor="white" if weak else line.get_color())
+        ticks = sorted({0.0} | {p[0] for pts in entries.values() for p in pts})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([format_eps(e) for e in ticks], rotation=45 if len(ticks) > 5 else 0)
+        ax.set_xlabel(f"{norm} eps")
+        ax.set_ylabel("worst-case accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{dataset} · {norm}", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        out[(dataset, norm)] = figure_data_uri(plt, fig)
+    return out
+
+
+def render_html(df) -> str:
+    """The leaderboard as one self-contained HTML page: leaderboard.md's text and tables (sortable by
+    any column) with each dataset x norm's robustness curves embedded."""
+    return page(render_markdown(df, figures=robustness_curves(df)))
 
 
 def _markdown_cells(i: int, row, acc_cols: List[str]) -> List[str]:

@@ -1,4 +1,4 @@
-"""Run reports: plots, report.md and a RobustBench-style JSON, written into the run folder.
+"""Run reports: plots, report.md / report.html and a RobustBench-style JSON, written into the run folder.
 
     advbench report RUN_ID [--results-dir results] [--training-csv PATH] [--robustbench-json PATH]
 
@@ -15,6 +15,8 @@ writes into ``<results>/runs/<run_id>/``:
   robustbench.json       RobustBench's model_info fields plus what RobustBench lacks (seed, attack
                          settings, versions, masking warnings)
   report.md              a self-contained summary that links the PNGs (relative paths)
+  report.html            report.md as one self-contained page (webpage.page): the PNGs embedded, tables
+                         sortable by any column
 
 matplotlib runs with the Agg backend (no display needed).
 """
@@ -40,16 +42,7 @@ from .runfolder import matching_run_ids, run_ids
 from .runtime import pct
 from .specs import ATTACK_SUITES, CASCADE, PER_ATTACK, REFERENCE_SUITE, WEAK, AttackSpec, evaluation_kind
 from .threat import ThreatModel, format_eps
-
-
-def _plt():
-    """matplotlib.pyplot on the Agg backend (no display); imported here, on the plotting path only."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+from .webpage import data_uri, page, pyplot
 
 
 def _save(plt, fig, out: Path) -> Path:
@@ -92,7 +85,7 @@ def load_run(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
 # --- plots ----------------------------------------------------------------------------------------
 def plot_robustness_curve(summary: Dict[str, Any], out: Path) -> Path:
     """Accuracy vs eps per attack (+ worst case), one panel per norm."""
-    plt = _plt()
+    plt = pyplot()
     by_norm: Dict[str, List[Dict[str, Any]]] = {}
     for t in summary["threats"]:
         by_norm.setdefault(t["norm"], []).append(t)
@@ -163,7 +156,7 @@ def adversarial_examples(config: Dict[str, Any], summary: Dict[str, Any], run_pa
 
 def plot_examples(ex: Dict[str, Any], out: Path) -> Path:
     """3 rows (clean, adversarial, amplified perturbation) x n samples, with predictions."""
-    plt = _plt()
+    plt = pyplot()
     x, xa = ex["x"], ex["x_adv"]
     n = x.shape[0]
     fig, axes = plt.subplots(3, n, figsize=(1.6 * n + 1.2, 5.6), squeeze=False)
@@ -221,7 +214,7 @@ def read_training_csv(path) -> Dict[str, List[float]]:
 
 def plot_training(path, out: Path) -> Path:
     """Clean vs adversarial accuracy per epoch (solid: clean, dashed: adversarial)."""
-    plt = _plt()
+    plt = pyplot()
     cols = read_training_csv(path)
     ep = cols.pop("epoch")
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -337,7 +330,8 @@ def write_report(run_id: str, results_dir="results", training_csv=None, robustbe
         raise AdvbenchError(f"cannot write the report: {where}: {exc.strerror or exc}") from None
 
 
-REPORT_FILES = ("robustness_curve.png", "examples.png", "training_curves.png", "robustbench.json", "report.md")
+REPORT_FILES = ("robustness_curve.png", "examples.png", "training_curves.png", "robustbench.json", "report.md",
+                "report.html")
 
 
 def _write_report(path: Path, config: Dict[str, Any], summary: Dict[str, Any], tcsv: Optional[Path],
@@ -357,8 +351,12 @@ def _write_report(path: Path, config: Dict[str, Any], summary: Dict[str, Any], t
     for dest in [path / "robustbench.json"] + ([Path(robustbench_json)] if robustbench_json else []):
         atomic_write_text(dest, text)
         files.append(dest)
-    atomic_write_text(path / "report.md", "\n".join(report_markdown(config, summary, ex, tcsv, notes)))
+    md = "\n".join(report_markdown(config, summary, ex, tcsv, notes))
+    atomic_write_text(path / "report.md", md)
     files.append(path / "report.md")
+    # the same text as one page, its plots embedded (a link, robustbench.json, stays relative)
+    atomic_write_text(path / "report.html", page(md, image=lambda src: data_uri(path / src)))
+    files.append(path / "report.html")
     return {"run_dir": str(path), "files": [str(f) for f in files], "notes": notes}
 
 

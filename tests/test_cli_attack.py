@@ -189,4 +189,4 @@ def test_leaderboard_empty_and_corrupt(results):
     assert r.stderr == (f"error: {results / 'leaderboard.csv'} is corrupt: missing columns dataset, norm, eps, "
                         f"attack, clean_acc, robust_acc\n")
     r = run("leaderboard", "--results-dir", results, "--format", "xml")
-    assert r.exit_code == 2 and r.stderr == "error: invalid --format 'xml': expected md, csv or json\n"
+    assert r.exit_code == 2 and r.stderr == "error: invalid --format 'xml': expected md, csv, json or html\n"

@@ -470,7 +470,7 @@ CASES = [
     ("leaderboard-eps-negative", L + ["--eps", "-0.1"], "error: invalid eps '-0.1': must be >= 0", None),
     ("leaderboard-unknown-norm", L + ["--norm", "l7"], "error: invalid norm 'l7': expected one of linf, l2", None),
     ("leaderboard-unknown-dataset", L + ["--dataset", "mnits"], "error: unknown dataset 'mnits'; did you mean", None),
-    ("leaderboard-unknown-format", L + ["--format", "xml"], "error: invalid --format 'xml': expected md, csv or json",
+    ("leaderboard-unknown-format", L + ["--format", "xml"], "error: invalid --format 'xml': expected md, csv, json or html",
      None),
     ("leaderboard-missing-columns", L, "error: {R}/leaderboard.csv is corrupt: missing columns dataset, norm, eps",
      corrupt_leaderboard("missing-columns")),

@@ -1,10 +1,12 @@
 """`advbench attack --suite`, the masking record of a run, and `advbench report` (plots, report.md,
-robustbench.json)."""
+report.html, robustbench.json)."""
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,18 @@ def test_report_writes_plots_markdown_and_robustbench_json(quick_run, tmp_path):
     md = (run_dir / "report.md").read_text()
     assert "![robustness curve](robustness_curve.png)" in md and "![examples](examples.png)" in md
     assert "| linf 0.05 |" in md and "pgd-20" in md
+    # report.html: the same text as one self-contained page, the three plots embedded, the JSON linked
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and f"<h1>advbench run {run_id}</h1>" in page
+    srcs = re.findall(r'<img alt="([^"]*)" src="([^"]*)"', page)
+    assert [alt for alt, _ in srcs] == ["robustness curve", "examples", "training curves"]
+    for name, (_, src) in zip(("robustness_curve.png", "examples.png", "training_curves.png"), srcs):
+        assert src == "data:image/png;base64," + base64.b64encode((run_dir / name).read_bytes()).decode(), name
+    assert '<a href="robustbench.json">robustbench.json</a>' in page and "<link" not in page
+    assert page.count("<script") == 1 and '<table class="sortable">' in page and "<td>linf 0.05</td>" in page
+    assert "<li>evaluation: weak, per-attack (each attack on every clean-correct sample); the worst case is an upper " \
+           "bound from weak attacks only (AutoAttack&#x27;s standard set: <code>--suite standard</code>)</li>" in page
+    assert str(run_dir / "report.html") in r.stdout
     assert ("- evaluation: weak, per-attack (each attack on every clean-correct sample); the worst case is an upper "
             "bound from weak attacks only (AutoAttack's standard set: `--suite standard`)") in md
     info = json.loads(rb.read_text())
