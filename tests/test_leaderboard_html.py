@@ -1,5 +1,7 @@
 """`advbench leaderboard --format html`: one self-contained page (the markdown's text and rows, every text
-escaped, the robustness curves embedded, nothing fetched)."""
+escaped, the robustness curves embedded, nothing fetched), and its tables sorted by a click in a real
+browser: Debian's chromium, headless, driven over the DevTools protocol (tests/browser.py). A screenshot
+is written for a person to look at (and copied to $ADVBENCH_SCREENSHOT_DIR when that is set)."""
 from __future__ import annotations
 
 import base64
@@ -9,6 +11,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from browser import Chromium, needs_chromium
 from robustbench_lite import leaderboard as lb
 from robustbench_lite.cli import app
 from robustbench_lite.specs import CASCADE, PER_ATTACK, WEAK
@@ -106,3 +109,48 @@ def test_cli_html_errors_are_one_line(tmp_path):
     r = run("leaderboard", "--results-dir", tmp_path / "none", "--format", "html", "--out", tmp_path / "x.html")
     assert r.exit_code == 0 and "no results yet in" in r.stderr
     assert "No results yet." in (tmp_path / "x.html").read_text()
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace("≤", "").strip())
+
+
+@needs_chromium
+def test_clicking_a_header_sorts_the_table_in_chromium(tmp_path):
+    page = tmp_path / "leaderboard.html"
+    page.write_text(lb.render_html(lb.read(board(tmp_path / "results"))), encoding="utf-8")
+    with Chromium.start(tmp_path / "profile") as browser:
+        browser.open(page.as_uri())
+        # nothing fetched but the page and its embedded images; no script error; both curves drawn
+        assert {u.split(":", 1)[0] for u in browser.requests} == {"file", "data"}
+        assert browser.requests[0] == page.as_uri()
+        assert browser.evaluate("Array.from(document.images, i => i.complete && i.naturalWidth > 0)") == [True, True]
+        before = browser.column(SECTION, "model")
+        assert before == ["lenet", "wrn-28-10", "alexnet", "smallcnn"]  # reportable first, then by worst case
+        runs = browser.column(SECTION, "run")
+
+        browser.click_header(SECTION, "model")  # text: alphabetically
+        after = browser.column(SECTION, "model")
+        assert after != before and after == sorted(before) == ["alexnet", "lenet", "smallcnn", "wrn-28-10"]
+        assert dict(zip(after, browser.column(SECTION, "run"))) == dict(zip(before, runs))  # rows move whole
+        browser.click_header(SECTION, "model")  # again: the other way
+        assert browser.column(SECTION, "model") == after[::-1]
+
+        browser.click_header(SECTION, "worst case")  # numbers, "≤ 80.00" by its number (not as text)
+        worst = browser.column(SECTION, "worst case")
+        assert worst == ["≤ 9.50", "45.10", "≤ 80.00", "100.00"]
+        assert [_number(c) for c in worst] == sorted(_number(c) for c in worst)
+        assert browser.column(SECTION, "model") == ["smallcnn", "wrn-28-10", "alexnet", "lenet"]
+        browser.click_header(SECTION, "worst case")
+        assert browser.column(SECTION, "worst case") == worst[::-1]
+
+        browser.click_header(SECTION, "pgd")  # a cell without a number ("–") goes last, either way
+        assert browser.column(SECTION, "pgd") == ["9.50", "80.00", "–", "–"]
+        browser.click_header(SECTION, "pgd")
+        assert browser.column(SECTION, "pgd") == ["80.00", "9.50", "–", "–"]
+        # the other tables did not move
+        assert browser.column("mnist-5k · linf eps=0.1", "model") == ["alexnet", "smallcnn"]
+        assert browser.errors == []
+        browser.click_header(SECTION, "worst case")  # leave it sorted by worst case for the person looking
+        shot = browser.screenshot_for_people(tmp_path, "leaderboard.png")
+    assert shot.read_bytes()[:8] == PNG and shot.stat().st_size > 20_000

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from browser import Chromium, needs_chromium
 from robustbench_lite.cli import app
 from robustbench_lite.errors import AdvbenchError
 from robustbench_lite.specs import ATTACK_SUITES, AttackSpec, suite_attack_specs
@@ -107,6 +108,28 @@ def test_report_writes_plots_markdown_and_robustbench_json(quick_run, tmp_path):
     assert extra["seed"] == 0 and extra["versions"]["torch"] and extra["attack_forward_passes"] > 0
     assert [a["label"] for a in extra["attacks"]] == ["fgsm", "pgd-20"]
     assert extra["attacks"][1]["settings"]["steps"] == 20
+
+
+@needs_chromium
+def test_report_html_sorts_in_chromium(quick_run, tmp_path):
+    results, run_id, run_dir = quick_run
+    r = run("report", run_id, "--results-dir", results, "--n-images", "2")
+    assert r.exit_code == 0, r.stderr
+    with Chromium.start(tmp_path / "profile") as browser:
+        browser.open((run_dir / "report.html").as_uri())
+        assert {u.split(":", 1)[0] for u in browser.requests} == {"file", "data"}
+        drawn = browser.evaluate("Array.from(document.images, i => i.complete && i.naturalWidth > 0)")
+        assert len(drawn) >= 2 and all(drawn)  # the robustness curve, the examples (and the training curves)
+        assert browser.column("Robust accuracy", "threat") == ["linf 0.05", "linf 0.1"]
+        browser.click_header("Robust accuracy", "worst case")
+        worst = [float(c.rstrip("%")) for c in browser.column("Robust accuracy", "worst case")]
+        assert worst == sorted(worst)
+        browser.click_header("Robust accuracy", "threat")
+        assert browser.column("Robust accuracy", "threat") == ["linf 0.05", "linf 0.1"]
+        browser.click_header("Robust accuracy", "threat")
+        assert browser.column("Robust accuracy", "threat") == ["linf 0.1", "linf 0.05"]
+        assert browser.errors == []
+        assert browser.screenshot_for_people(tmp_path, "report.png").read_bytes()[:8] == PNG
 
 
 def test_report_errors(tmp_path):
