@@ -29,7 +29,7 @@ from defenses.methods import MethodConfig
 
 from . import distributed, leaderboard, masking
 from .checkpoint import file_sha256, read_checkpoint
-from .data import DATASETS, DEFAULT_DATASET, check_n_examples, load_dataset
+from .data import DATASETS, DEFAULT_DATASET, check_image_size, check_n_examples, is_streamed, load_dataset
 from .errors import AdvbenchError, SettingError
 from .evaluator import EvalResult, evaluate
 from .fileio import ensure_dir
@@ -62,6 +62,7 @@ class RunSpec:
     results_dir: str = "results"
     data_dir: Optional[str] = None
     download: bool = False
+    image_size: Optional[int] = None        # an image folder's crop; None: the checkpoint's input size, else 224
     fast: FastPaths = FastPaths()           # channels_last, compile (amp is an attack setting: AttackSpec params)
     source: str = "advbench attack"         # what started the run (recorded in config.yaml)
     flags: Tuple[str, ...] = ()
@@ -81,6 +82,10 @@ class RunSpec:
             MODELS.canonical(self.model)
         if self.dataset:
             DATASETS.canonical(self.dataset)
+        check_image_size(self.image_size)
+        if self.image_size is not None and self.dataset and not is_streamed(self.dataset):
+            raise SettingError(f"{{image_size}} applies to image folders (imagenet, imagefolder:PATH), not to "
+                               f"{self.dataset}", "image_size")
         if self.checkpoint and not Path(self.checkpoint).is_file():
             raise AdvbenchError(f"checkpoint not found: {self.checkpoint}")
         if not self.threats:
@@ -186,8 +191,9 @@ def _load(spec: RunSpec, device: torch.device, narrator: Narrator):
     within the test split, no L2 eps beyond any image distance) before a model is loaded or a
     baseline trained; a baseline about to be trained is announced with the dataset and why."""
     ckpt = read_checkpoint(spec.checkpoint) if spec.checkpoint else {}
-    ds = load_dataset(spec.dataset or ckpt.get("dataset") or DEFAULT_DATASET, data_dir=spec.data_dir,
-                      download=spec.download)
+    name = spec.dataset or ckpt.get("dataset") or DEFAULT_DATASET
+    ds = load_dataset(name, data_dir=spec.data_dir, download=spec.download,
+                      image_size=_image_size(spec, ckpt) if is_streamed(name) else spec.image_size)
     check_n_examples(spec.n_examples, len(ds.y_test), f"the test split of {ds.name}")
     for t in spec.threats:
         t.check_input_shape(ds.input_shape)
@@ -197,11 +203,23 @@ def _load(spec: RunSpec, device: torch.device, narrator: Narrator):
     return model, ds, info
 
 
+def _image_size(spec: RunSpec, ckpt) -> Optional[int]:
+    """An image folder's crop: the run's image_size, else the checkpoint's input size (square), else None
+    (the dataset's default)."""
+    if spec.image_size is not None:
+        return spec.image_size
+    shape = ckpt.get("input_shape") or []
+    if len(shape) == 3 and isinstance(shape[1], int) and shape[1] == shape[2] and shape[1] >= 8:
+        return int(shape[1])
+    return None
+
+
 def _test_data(spec: RunSpec, ds, ctx) -> Tuple[Tuple[torch.Tensor, torch.Tensor, torch.Tensor], int]:
     """((x, y, sample ids) this process attacks, the run's number of examples): the seeded test
-    subset, under torchrun this rank's strided shard of it."""
+    subset, under torchrun this rank's strided shard of it; an image folder's x stays streamed."""
     x, y, ids = ds.subset("test", spec.n_examples, spec.seed)
-    x = spec.fast.inputs(x)
+    if not ds.streamed:
+        x = spec.fast.inputs(x)
     n_total = len(y)
     if ctx.enabled:
         mine = distributed.shard(len(y), ctx)
