@@ -377,14 +377,15 @@ class StreamedImages:
     def __getitem__(self, index: Selection) -> "StreamedImages":
         return StreamedImages([self.files[i] for i in self._positions(index)], self.size, self.root, self.workers)
 
-    def batches(self, selections: Iterable[Selection]) -> Iterator[torch.Tensor]:
-        """One CPU batch per selection (positions in these images), in order."""
+    def batches(self, selections: Iterable[Selection], pin_memory: bool = False) -> Iterator[torch.Tensor]:
+        """One CPU batch per selection (positions in these images), in order (in pinned memory with
+        ``pin_memory``, for asynchronous copies to a GPU)."""
         sels = [self._positions(s) for s in selections]
         if not sels:
             return
         workers = min(self.workers, len(sels)) if len(self.files) > 1 else 0
         loader = torch.utils.data.DataLoader(ImageFiles(self.files, self.size), batch_sampler=sels,
-                                             num_workers=workers)
+                                             num_workers=workers, pin_memory=pin_memory)
         for xb, errors in loader:
             bad = [e for e in errors if e]
             if bad:
@@ -413,7 +414,7 @@ def batches_of(x: Union[torch.Tensor, StreamedImages], selections: Iterable[Sele
     """``x[selection]`` for each selection, on ``device`` (default: where x is): tensor indexing, or
     streamed from the files of a StreamedImages. The one way the evaluator takes batches of images."""
     if isinstance(x, StreamedImages):
-        for xb in x.batches(selections):
+        for xb in x.batches(selections, pin_memory=device is not None and torch.device(device).type == "cuda"):
             yield xb if device is None else xb.to(device, non_blocking=True)
     else:
         for sel in selections:

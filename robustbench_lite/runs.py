@@ -242,6 +242,10 @@ def _load(spec: RunSpec, device: torch.device, narrator: Narrator):
     check_n_examples(spec.n_examples, len(ds.y_test), f"the test split of {ds.name}")
     for t in spec.threats:
         t.check_input_shape(ds.input_shape)
+    if ds.name == "imagenet" and not ds.first_n:
+        narrator.say(f"imagenet: the package robustbench is not installed, so the test split is all "
+                     f"{len(ds.y_test):,} images (seeded subsets), not RobustBench's list of 5,000 (pip install "
+                     f"'advbench[robustbench]')")
     if spec.network is not None:
         check_network(spec.network, ds)
         return spec.network, ds, network_info(spec.model, spec.network, ds)

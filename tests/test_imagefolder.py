@@ -196,8 +196,9 @@ def test_an_image_folder_trains_nothing(tmp_path):
     root = make_folder(tmp_path / "folder", per_class=3)
     r = run("attack", "--model", "smallcnn", "--dataset", f"imagefolder:{root}", "--eps", "8/255",
             "--device", "cpu", "--results-dir", tmp_path / "results", "-n", "all")
-    assert r.exit_code == 2 and r.stderr == (f"error: dataset imagefolder:{root} has no training images (an evaluation-only image "
-                        f"folder): nothing to train a model on; evaluate a checkpoint instead\n")
+    assert r.exit_code == 2 and r.stderr == (
+        f"error: dataset imagefolder:{root} has no training images (an evaluation-only image folder): nothing to "
+        f"train a model on; evaluate a checkpoint instead\n")
 
 
 # --- imagenet ---------------------------------------------------------------------------------------
@@ -252,6 +253,13 @@ def test_imagenet_without_robustbench_is_every_image_seeded(tmp_path, monkeypatc
     ds = load_dataset("imagenet", data_dir=str(root), image_size=16)
     assert ds.y_test.tolist() == [0, 0, 500, 500, 500] and not ds.first_n
     assert ds.subset("test", 2, seed=0)[2].tolist() == ds.subset("test", 2, seed=0)[2].tolist()
+    ckpt = make_checkpoint(tmp_path / "ck.pt", size=16, classes=1000)  # its 16 px decide the crop
+    r = run("attack", "--checkpoint", ckpt, "--dataset", "imagenet", "--data-dir", root, "-n", "4", "--attack",
+            "fgsm", "--eps", "4/255", "--device", "cpu", "--results-dir", tmp_path / "results", "--no-masking-checks")
+    assert r.exit_code == 0, r.stderr
+    assert ("imagenet: the package robustbench is not installed, so the test split is all 5 images (seeded "
+            "subsets), not RobustBench's list of 5,000 (pip install 'advbench[robustbench]')") in r.stdout
+    assert "n=4" in r.stdout
 
 
 def test_imagenet_error_lines(tmp_path):
@@ -285,3 +293,19 @@ def test_n_examples_all_takes_the_whole_test_split(tmp_path):
             "--device", "cpu", "--results-dir", tmp_path / "results", "--json", "--no-masking-checks")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["n_examples"] == 23
+
+
+def test_a_python_model_on_an_image_folder_at_224_px(tmp_path):
+    """The Python API on an image folder at the default 224 px: several streamed batches, the same numbers
+    as the tensor evaluation of torchvision's own ImageFolder."""
+    import robustbench_lite
+
+    root = make_folder(tmp_path / "folder")
+    net = Brightness()
+    record = robustbench_lite.benchmark(net, f"imagefolder:{root}", eps=0.12, suite=None, attacks=["pgd"],
+                                        n_examples=None, batch_size=8, device="cpu")
+    assert record.result.n_total == 21 and record.info["dataset"] == f"imagefolder:{root}"
+    x_ref, y_ref = reference_tensors(root, 224)
+    ref = evaluate(net, x_ref, y_ref, ["pgd"], eps=0.12, device="cpu")
+    assert record.clean_acc == ref.clean_acc == 1.0
+    assert record.robust_acc == {"pgd": ref.threats[0].robust_acc("pgd")} and 0 < record.worst_case_acc < 1
