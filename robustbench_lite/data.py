@@ -383,7 +383,7 @@ class StreamedImages:
         sels = [self._positions(s) for s in selections]
         if not sels:
             return
-        workers = min(self.workers, len(sels)) if len(self.files) > 1 else 0
+        workers = min(self.workers, len(sels)) if len(sels) > 1 else 0  # one batch: no worker to start
         loader = torch.utils.data.DataLoader(ImageFiles(self.files, self.size), batch_sampler=sels,
                                              num_workers=workers, pin_memory=pin_memory)
         for xb, errors in loader:

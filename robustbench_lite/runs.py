@@ -157,7 +157,8 @@ class RunRecord:
     def summary(self) -> Dict[str, Any]:
         keep = ("model", "checkpoint", "checkpoint_sha256", "dataset", "dataset_sha256", "defense", "activation",
                 "version", "warnings")
-        return {"run_id": self.run_id, "run_dir": str(self.run_dir), **{k: self.info.get(k) for k in keep},
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir) if self.run_dir is not None else None,
+                **{k: self.info.get(k) for k in keep},
                 **self.result.summary()}
 
 

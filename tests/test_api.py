@@ -42,7 +42,7 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert record.worst_case_acc == record.robust_acc[labels[-1]] <= record.clean_acc  # a cascade's last number
     printed = capsys.readouterr().out.split()
     assert printed[0] == str(record.clean_acc) and printed[-1] == "standard"
-    assert record.run_id == "" and record.run_dir is None
+    assert record.run_id == "" and record.run_dir is None and record.summary()["run_dir"] is None
     assert list(tmp_path.iterdir()) == []  # nothing recorded anywhere
 
 
