@@ -485,14 +485,21 @@ def attack_cmd(
     loss: Optional[str] = typer.Option(None, "--loss", help="ce, margin, dlr, ... (default per attack: ce; apgd-dlr "
                                                             "dlr, apgd-t dlr-targeted, square margin)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d",
-                                          help="Dataset name or npz:PATH. Default: the checkpoint's dataset, else "
+                                          help="Dataset name, npz:PATH, imagenet or imagefolder:PATH. Default: the "
+                                               "checkpoint's dataset, else "
                                                "mnist-5k (MNIST digits, 1x28x28) whatever the model: "
                                                "`--model resnet18` alone evaluates MNIST; give --dataset cifar10 "
                                                "(with --data-dir/--download) for colour images."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where torchvision datasets live."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where torchvision datasets live; imagenet: its "
+                                                                    "validation folder (SYNSET/IMAGE.JPEG)."),
     download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint to evaluate."),
-    n_examples: Optional[int] = typer.Option(1000, "--n-examples", "-n", help="Test examples (seeded subset)."),
+    n_examples: str = typer.Option("1000", "--n-examples", "-n",
+                                   help="Test examples (seeded subset; imagenet with robustbench installed: the "
+                                        "first N of RobustBench's 5,000), or all: the whole test split."),
+    image_size: Optional[int] = typer.Option(None, "--image-size",
+                                             help="imagenet / imagefolder:PATH: resize to SIZE*256/224, centre-crop "
+                                                  "SIZE (default: the checkpoint's input size, else 224)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed"),
@@ -520,8 +527,9 @@ def attack_cmd(
     specs, cascade = _attack_choice(suite, attack, dict(steps=steps, alpha=alpha, restarts=restarts, loss=loss),
                                     amp, cascade, per_attack)
     spec = RunSpec(model=model, checkpoint=checkpoint, dataset=dataset, threats=threats, attacks=specs, cascade=cascade,
-                   n_examples=n_examples, batch_size=batch_size, device=device, seed=seed, results_dir=results_dir,
-                   data_dir=data_dir, download=download, fast=FastPaths(channels_last=channels_last, compile=compile),
+                   n_examples=parse_n_examples(n_examples), batch_size=batch_size, device=device, seed=seed,
+                   results_dir=results_dir, data_dir=data_dir, download=download, image_size=image_size,
+                   fast=FastPaths(channels_last=channels_last, compile=compile),
                    flags=[f"attack-suite={suite.strip().lower()}"] if suite else [],
                    masking_checks=masking_checks, resume=resume)
     out = err_console if json_out else console
@@ -532,6 +540,17 @@ def attack_cmd(
         _print_json(record.summary())
     else:
         _report_run(record, out)
+
+
+def parse_n_examples(value: str) -> Optional[int]:
+    """--n-examples: a count, or all (None: the whole test split)."""
+    text = str(value).strip().lower()
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise AdvbenchError(f"--n-examples must be a number of test examples or all (got {value!r})") from None
 
 
 def _attack_choice(suite: Optional[str], attack: Optional[str], settings, amp: Optional[str], cascade: bool,

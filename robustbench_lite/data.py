@@ -10,9 +10,21 @@ Names:
   mnist, fashion-mnist, cifar10, cifar100, svhn
                    through torchvision, from --data-dir (with --download to fetch them)
   npz:PATH         arrays x_train/y_train/x_test/y_test, uint8 NHWC/NHW or float NCHW in [0, 1]
+  imagenet         ImageNet's validation folder (--data-dir; one folder per synset), RobustBench's
+                   protocol: resize 256, centre crop 224; the test split is RobustBench's fixed list
+                   of 5,000 images (in its order: n examples are its first n) when the package
+                   robustbench is installed, else every image (seeded subsets)
+  imagefolder:PATH any folder of class folders (PATH/CLASS/IMAGE.jpg), resized and centre-cropped
+                   to the image size (the checkpoint's, or --image-size, default 224)
+
+The image folders (imagenet, imagefolder:PATH) do not fit in memory: their test images are a
+``StreamedImages`` (addressed like a tensor, loaded on demand by a DataLoader with worker
+processes, batch by batch); they have no training split.
 
 Every dataset has a ``fingerprint``: the sha256 of its four arrays, its identity whatever file or
-name it came from (the model zoo keys baselines by it; runs record it as dataset_sha256).
+name it came from (the model zoo keys baselines by it; runs record it as dataset_sha256). For an
+image folder, whose pixels would take minutes to read, it is the sha256 of its files' relative paths,
+labels and sizes in bytes and of the image size.
 An npz dataset needs at least one image in each split, integer labels >= 0, at least 2 classes and
 at most MAX_CLASSES classes (its class count is its largest label + 1).
 """
@@ -24,11 +36,12 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.utils.data
 
 from .errors import AdvbenchError, SettingError
 from .registry import Registry
@@ -50,6 +63,7 @@ class Dataset:
     num_classes: int
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    first_n: bool = False   # the test split is in a fixed evaluation order: n examples are its first n
     _fingerprint: Optional[str] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -59,15 +73,25 @@ class Dataset:
         if self._fingerprint is None:
             h = hashlib.sha256()
             for key in ("x_train", "y_train", "x_test", "y_test"):
-                t = getattr(self, key).detach().cpu().contiguous()
+                t = getattr(self, key)
+                if isinstance(t, StreamedImages):
+                    h.update(f"{key}:{type(t).__name__};".encode() + t.identity())
+                    continue
+                t = t.detach().cpu().contiguous()
                 h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-                h.update(memoryview(t.numpy()).cast("B"))
+                if t.numel():  # an image folder's training split is empty
+                    h.update(memoryview(t.numpy()).cast("B"))
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
     @property
     def input_shape(self) -> Tuple[int, int, int]:
         return tuple(self.x_test.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the test images are streamed from files (an image folder) rather than one tensor."""
+        return isinstance(self.x_test, StreamedImages)
 
     @property
     def in_channels(self) -> int:
@@ -85,7 +109,9 @@ class Dataset:
         """Deterministic subset of a split: (x, y, ids) where ids are indices into the split.
 
         n=None takes the whole split in order; otherwise n indices drawn by a permutation seeded
-        with ``seed`` and sorted, so the same (n, seed) always gives the same examples."""
+        with ``seed`` and sorted, so the same (n, seed) always gives the same examples (a test split
+        in a fixed evaluation order, ``first_n``: its first n). Streamed images stay streamed: ``x``
+        is then a StreamedImages of the chosen files."""
         x, y = self.split(which)
         total = len(y)
         if n is None:
@@ -94,6 +120,8 @@ class Dataset:
             check_n_examples(n, total, f"the {which} split of {self.name}")
             if n == total:
                 ids = torch.arange(total)
+            elif self.first_n and which == "test":
+                ids = torch.arange(n)
             else:
                 g = torch.Generator().manual_seed(int(seed))
                 ids = torch.randperm(total, generator=g)[:n].sort().values
@@ -280,16 +308,257 @@ def _npz_load(path: str, data_dir: Optional[str] = None, download: bool = False)
 
 DATASETS.register_prefix("npz:", _npz_load, placeholder="PATH")
 
+# --- image folders: streamed from the files, never one tensor ------------------------------------
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 224          # RobustBench's ImageNet protocol: resize 256, centre crop 224
+STREAM_WORKERS = min(4, os.cpu_count() or 1)
+IMAGENET_CLASSES = 1000
+ROBUSTBENCH_IMAGENET_LIST = "helper_files/imagenet_test_image_ids.txt"  # inside the robustbench package
+
+
+def resize_for(size: int) -> int:
+    """The short side images are resized to before the centre crop of ``size`` (256 for 224)."""
+    return int(round(size * 256 / 224))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files -> (float32 3 x size x size in [0, 1], error text): RGB, the short side resized to
+    resize_for(size) (bilinear, as torchvision's Resize), centre-cropped to size. An unreadable file
+    gives zeros and the reason (raised in the main process: a worker's exception is a traceback)."""
+
+    def __init__(self, files: Sequence[str], size: int):
+        self.files, self.size = list(files), int(size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        import torchvision.transforms.functional as TF
+
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                im = TF.center_crop(TF.resize(im.convert("RGB"), resize_for(self.size)), self.size)
+                return TF.to_tensor(im), ""
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem
+            why = (str(exc).splitlines() or [type(exc).__name__])[0]
+            return torch.zeros(3, self.size, self.size), f"{path} is not a readable image ({why})"
+
+
+Selection = Union[slice, range, torch.Tensor, Sequence[int]]
+
+
+class StreamedImages:
+    """Images of an image folder addressed like an (N, 3, S, S) float tensor and loaded on demand:
+    ``x[ids]`` is a lazy selection (a StreamedImages of those files), ``x.to(device)`` loads it,
+    ``x.batches(selections)`` streams one batch per selection through a DataLoader with worker
+    processes (the next batches load while the current one is attacked)."""
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, files: Sequence[str], size: int, root: str = "", workers: int = STREAM_WORKERS):
+        self.files, self.size, self.root, self.workers = tuple(files), int(size), str(root), int(workers)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.files), 3, self.size, self.size))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _positions(self, index: Selection) -> List[int]:
+        if isinstance(index, slice):
+            return list(range(len(self.files)))[index]
+        return [int(i) for i in torch.as_tensor(index).reshape(-1).tolist()]
+
+    def __getitem__(self, index: Selection) -> "StreamedImages":
+        return StreamedImages([self.files[i] for i in self._positions(index)], self.size, self.root, self.workers)
+
+    def batches(self, selections: Iterable[Selection], pin_memory: bool = False) -> Iterator[torch.Tensor]:
+        """One CPU batch per selection (positions in these images), in order (in pinned memory with
+        ``pin_memory``, for asynchronous copies to a GPU)."""
+        sels = [self._positions(s) for s in selections]
+        if not sels:
+            return
+        workers = min(self.workers, len(sels)) if len(sels) > 1 else 0  # one batch: no worker to start
+        loader = torch.utils.data.DataLoader(ImageFiles(self.files, self.size), batch_sampler=sels,
+                                             num_workers=workers, pin_memory=pin_memory)
+        for xb, errors in loader:
+            bad = [e for e in errors if e]
+            if bad:
+                more = f" (and {len(bad) - 1} more in the same batch)" if len(bad) > 1 else ""
+                raise AdvbenchError(bad[0] + more)
+            yield xb
+
+    def load(self) -> torch.Tensor:
+        """All these images as one CPU tensor (for a few: a check subset, a report's examples)."""
+        return next(self.batches([range(len(self.files))]), torch.zeros(0, 3, self.size, self.size))
+
+    def to(self, *args, **kwargs) -> torch.Tensor:
+        return self.load().to(*args, **kwargs)
+
+    def identity(self) -> bytes:
+        """What the fingerprint hashes: the image size, the files' paths (relative to the root) and sizes."""
+        h = hashlib.sha256(f"size={self.size};".encode())
+        for f in self.files:
+            rel = os.path.relpath(f, self.root) if self.root else f
+            h.update(f"{rel}:{os.path.getsize(f) if os.path.isfile(f) else -1};".encode())
+        return h.digest()
+
+
+def batches_of(x: Union[torch.Tensor, StreamedImages], selections: Iterable[Selection],
+               device: Optional[torch.device] = None) -> Iterator[torch.Tensor]:
+    """``x[selection]`` for each selection, on ``device`` (default: where x is): tensor indexing, or
+    streamed from the files of a StreamedImages. The one way the evaluator takes batches of images."""
+    if isinstance(x, StreamedImages):
+        for xb in x.batches(selections, pin_memory=device is not None and torch.device(device).type == "cuda"):
+            yield xb if device is None else xb.to(device, non_blocking=True)
+    else:
+        for sel in selections:
+            xb = x[sel]
+            yield xb if device is None else xb.to(device, non_blocking=True)
+
+
+def check_image_size(image_size: Optional[int]) -> None:
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < 8):
+        raise SettingError(f"{{image_size}} must be an integer >= 8 (got {image_size!r})", "image_size")
+
+
+def _class_folders(root: Path, what: str) -> List[str]:
+    if not root.is_dir():
+        raise AdvbenchError(f"{what}: directory not found: {root}" if not root.exists()
+                            else f"{what}: {root} is not a directory")
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _scan(root: Path, classes: Sequence[str], what: str) -> Tuple[List[str], List[int]]:
+    """Every image under root/CLASS/ (recursively, sorted), with its class index; a file that is not an
+    image is an error."""
+    files, labels = [], []
+    for k, c in enumerate(classes):
+        for dirpath, dirnames, names in os.walk(root / c):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for n in sorted(names):
+                if n.startswith("."):
+                    continue
+                path = os.path.join(dirpath, n)
+                if not n.lower().endswith(IMAGE_EXTENSIONS):
+                    raise AdvbenchError(f"{what}: {path} is not an image file (expected "
+                                        f"{', '.join(e[1:] for e in IMAGE_EXTENSIONS)})")
+                files.append(path)
+                labels.append(k)
+    return files, labels
+
+
+def _folder_dataset(name: str, root: Path, files: Sequence[str], labels: Sequence[int], num_classes: int,
+                    image_size: int, first_n: bool = False) -> Dataset:
+    empty = torch.zeros(0, 3, image_size, image_size)
+    return Dataset(name, empty, torch.zeros(0, dtype=torch.long), StreamedImages(files, image_size, str(root)),
+                   torch.tensor(list(labels), dtype=torch.long), num_classes, IMAGENET_MEAN, IMAGENET_STD,
+                   first_n=first_n)
+
+
+def _imagefolder_load(path: str, data_dir: Optional[str] = None, download: bool = False,
+                      image_size: Optional[int] = None) -> Dataset:
+    """a folder of class folders (PATH/CLASS/IMAGE.jpg), streamed; resized and centre-cropped"""
+    root = Path(path).expanduser()
+    what = f"dataset imagefolder:{path}"
+    classes = _class_folders(root, what)
+    if not classes:
+        raise AdvbenchError(f"{what}: {root} holds no class folders (expected {root}/CLASS/IMAGE.jpg, one folder "
+                            f"per class)")
+    files, labels = _scan(root, classes, what)
+    if not files:
+        raise AdvbenchError(f"{what}: {root} holds no images (its class folders {', '.join(classes[:3])}"
+                            f"{', ...' if len(classes) > 3 else ''} are empty)")
+    if len(classes) < 2:
+        raise AdvbenchError(f"{what}: {root} has one class folder ({classes[0]}): a classification dataset needs "
+                            f"at least 2 classes")
+    if len(classes) > MAX_CLASSES:
+        raise AdvbenchError(f"{what}: {len(classes):,} class folders; at most {MAX_CLASSES:,} are supported")
+    return _folder_dataset(f"imagefolder:{path}", root, files, labels, len(classes),
+                           image_size or DEFAULT_IMAGE_SIZE)
+
+
+def robustbench_imagenet_list() -> Optional[List[str]]:
+    """RobustBench's 5,000 ImageNet evaluation images (SYNSET/FILE, in its order) from the installed
+    package robustbench (located, not imported: it imports timm), or None when it is not installed."""
+    spec = importlib.util.find_spec("robustbench")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / ROBUSTBENCH_IMAGENET_LIST
+    if not path.is_file():
+        raise AdvbenchError(f"dataset 'imagenet': {path} is missing from the installed robustbench")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _imagenet_load(data_dir: Optional[str] = None, download: bool = False,
+                   image_size: Optional[int] = None) -> Dataset:
+    if download:
+        raise SettingError("dataset 'imagenet' cannot be downloaded (image-net.org asks for a sign-up): give its "
+                           "validation folder with {data_dir}", "download", "data_dir")
+    if not data_dir:
+        raise SettingError("dataset 'imagenet' needs {data_dir}: ImageNet's validation folder, one folder per "
+                           "class (n01440764/ILSVRC2012_val_00000293.JPEG, ...)", "data_dir")
+    root = Path(data_dir).expanduser()
+    if (root / "val").is_dir() and not (root / "n01440764").is_dir():
+        root = root / "val"  # RobustBench's layout: DATA_DIR/val/SYNSET/...
+    what = "dataset 'imagenet'"
+    classes = _class_folders(root, what)
+    if len(classes) != IMAGENET_CLASSES:
+        raise AdvbenchError(f"{what}: {root} has {len(classes)} class folders, ImageNet's validation split has "
+                            f"{IMAGENET_CLASSES:,} (n01440764, ...); use imagefolder:PATH for another folder")
+    listed = robustbench_imagenet_list()
+    if listed is None:
+        files, labels = _scan(root, classes, what)
+        if not files:
+            raise AdvbenchError(f"{what}: {root} holds no images")
+    else:
+        index = {c: k for k, c in enumerate(classes)}
+        files = [str(root / rel) for rel in listed]
+        missing = [rel for rel, f in zip(listed, files) if rel.split("/")[0] not in index or not os.path.isfile(f)]
+        if missing:
+            raise AdvbenchError(f"{what}: {len(missing):,} of the {len(listed):,} images of RobustBench's evaluation "
+                                f"list are missing from {root} (first: {missing[0]})")
+        labels = [index[rel.split("/")[0]] for rel in listed]
+    return _folder_dataset("imagenet", root, files, labels, IMAGENET_CLASSES, image_size or DEFAULT_IMAGE_SIZE,
+                           first_n=listed is not None)
+
+
+DATASETS.register("imagenet", _imagenet_load,
+                  help="ImageNet's validation folder (--data-dir), resize 256 / crop 224, streamed; RobustBench's "
+                       "5,000-image list when robustbench is installed")
+DATASETS.register_prefix("imagefolder:", _imagefolder_load, placeholder="PATH")
+
+
+def is_streamed(name: str) -> bool:
+    """Whether dataset ``name`` is an image folder (streamed; resized to an image size)."""
+    key = DATASETS.canonical(name)
+    return key == "imagenet" or key.lower().startswith("imagefolder:")
+
+
 _CACHE: dict = {}
 
 
-def load_dataset(name: str = DEFAULT_DATASET, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
-    """Load a dataset by registry name (cached per process)."""
+def load_dataset(name: str = DEFAULT_DATASET, data_dir: Optional[str] = None, download: bool = False,
+                 image_size: Optional[int] = None) -> Dataset:
+    """Load a dataset by registry name (cached per process). ``image_size``: the size an image folder's
+    images are cropped to (None: the default 224); other datasets have their own size."""
     key = DATASETS.canonical(name)
+    check_image_size(image_size)
+    streamed = is_streamed(key)
+    if image_size is not None and not streamed:
+        raise SettingError(f"{{image_size}} applies to image folders (imagenet, imagefolder:PATH), not to {name}",
+                           "image_size")
     if key == "mnist-5k":
         return load_mnist5k()
-    ck = (key, str(data_dir), bool(download))
+    ck = (key, str(data_dir), bool(download), image_size)
     if ck not in _CACHE:
         factory = DATASETS.get(key)
-        _CACHE[ck] = factory(data_dir=data_dir, download=download)
+        extra = {"image_size": image_size} if streamed else {}
+        _CACHE[ck] = factory(data_dir=data_dir, download=download, **extra)
     return _CACHE[ck]

@@ -52,6 +52,7 @@ import torch
 
 from attacks.engine import attack_mode, check_images
 
+from .data import StreamedImages, batches_of
 from .errors import AdvbenchError, SettingError
 from .fileio import atomic_write
 from .runtime import check_positive, resolve_device
@@ -380,17 +381,18 @@ def _check_finite(logits: torch.Tensor, what: str) -> None:
 
 
 @torch.no_grad()
-def predict(model, x: torch.Tensor, batch_size: int = 500, what: Optional[str] = None,
+def predict(model, x: Union[torch.Tensor, StreamedImages], batch_size: int = 500, what: Optional[str] = None,
             device: Optional[torch.device] = None) -> torch.Tensor:
-    """The model's predictions (argmax of float32 logits) for x, in batches, in eval mode with frozen
-    parameters (attack_mode: the model's modes are restored after, also on error), on ``device``
-    (default: where x is). ``what`` names the inputs for the check that the logits are finite (an
-    AdvbenchError otherwise); None skips the check. The one prediction loop of the project."""
+    """The model's predictions (argmax of float32 logits) for x (a tensor, or images streamed from
+    files), in batches, in eval mode with frozen parameters (attack_mode: the model's modes are
+    restored after, also on error), on ``device`` (default: where x is). ``what`` names the inputs for
+    the check that the logits are finite (an AdvbenchError otherwise); None skips the check. The one
+    prediction loop of the project."""
     preds = []
     with attack_mode(model, "eval"):
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size]
-            logits = model(xb if device is None else xb.to(device, non_blocking=True)).float()
+        chunks = [slice(i, i + batch_size) for i in range(0, x.shape[0], batch_size)]
+        for xb in batches_of(x, chunks, device):
+            logits = model(xb).float()
             if what is not None:
                 _check_finite(logits, what)
             preds.append(logits.argmax(1))
@@ -410,7 +412,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def check_inputs(x: torch.Tensor, y: torch.Tensor, sample_ids: Optional[torch.Tensor]) -> None:
+def check_inputs(x: Union[torch.Tensor, StreamedImages], y: torch.Tensor, sample_ids: Optional[torch.Tensor]) -> None:
+    if isinstance(x, StreamedImages):  # pixels in [0, 1] by construction; the counts are all there is to check
+        if y.reshape(-1).numel() != len(x):
+            raise AdvbenchError(f"{y.numel()} labels for {len(x)} images")
+        if sample_ids is not None and torch.as_tensor(sample_ids).reshape(-1).numel() != len(x):
+            raise AdvbenchError(f"{torch.as_tensor(sample_ids).numel()} sample ids for {len(x)} images")
+        return
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise AdvbenchError("images must be a float tensor in [0, 1]")
     if x.dim() < 2:
@@ -422,7 +430,7 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor, sample_ids: Optional[torch.Te
     check_images(x)  # the attacks' own check (every attack call runs it too)
 
 
-def evaluate(model, x: torch.Tensor, y: torch.Tensor,
+def evaluate(model, x: Union[torch.Tensor, StreamedImages], y: torch.Tensor,
              attacks: Union[str, Iterable[Any], None] = DEFAULT_ATTACKS,
              threats: Union[ThreatModel, Sequence[ThreatModel], None] = None, *,
              eps: Union[str, float, Sequence[Union[str, float]], None] = None, norm: str = "linf",
@@ -430,6 +438,10 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
              sample_ids: Optional[torch.Tensor] = None, cascade: bool = False,
              on_progress: Optional[ProgressFn] = None, journal: Optional[Journal] = None) -> EvalResult:
     """Evaluate ``model`` on (x, y) under every attack and threat model; see the module docstring.
+
+    ``x``: a float tensor in [0, 1] (moved to the device whole), or a data.StreamedImages (an image
+    folder's images, loaded batch by batch by DataLoader workers: the clean pass streams them all,
+    each attack only the batches it attacks and the journal does not hold).
 
     ``attacks``: names / specs (see parse_attack_specs). ``threats``: a ThreatModel or a list, or
     ``eps`` (+ ``norm``) for a sweep. ``sample_ids``: dataset indices of the samples; they key the
@@ -452,12 +464,13 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
     dev = _model_device(model) if device is None else device if isinstance(device, torch.device) \
         else resolve_device(device)
     model.to(dev)
-    x = x.detach().to(dev)
+    if not isinstance(x, StreamedImages):
+        x = x.detach().to(dev)
     y = y.reshape(-1).long().to(dev)
     ids = (torch.arange(x.shape[0]) if sample_ids is None
            else torch.as_tensor(sample_ids).reshape(-1).long()).to(dev)
 
-    clean_pred = predict(model, x, batch_size, "clean inputs")
+    clean_pred = predict(model, x, batch_size, "clean inputs", device=dev)
     correct = clean_pred == y
     attacked = _Attacked(model, x, y, ids, correct, batch_size, journal, on_progress, cascade)
     if journal is not None:
@@ -471,10 +484,11 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor,
 class _Attacked:
     """The clean-correct samples of an evaluation (``correct``; ``todo``: their positions in x),
     attacked batch by batch by one attack after the other (as a ``cascade``: each on the survivors
-    of the earlier ones); batches come from the journal when it holds them."""
+    of the earlier ones); batches come from the journal when it holds them. ``x``: on the device, or
+    streamed (data.batches_of)."""
 
     model: Any
-    x: torch.Tensor
+    x: Union[torch.Tensor, StreamedImages]
     y: torch.Tensor
     ids: torch.Tensor
     correct: torch.Tensor
@@ -507,15 +521,19 @@ class _Attacked:
     def run(self, atk, spec, threat: ThreatModel, todo: torch.Tensor) -> AttackResult:
         """Attack the samples at positions ``todo`` batch by batch with ``atk`` (the attack of ``spec``
         under ``threat``); per-sample results for all N samples (the others unattacked)."""
-        n, dev = self.x.shape[0], self.x.device
+        n, dev = self.x.shape[0], self.y.device
         adv_pred = torch.full((n,), -1, dtype=torch.long, device=dev)
         fooled = torch.zeros(n, dtype=torch.bool, device=dev)
         dist = torch.full((n,), math.nan, dtype=torch.float32, device=dev)
         seconds, stats = 0.0, {}
         self._progress(threat, spec.label, 0, todo)
-        for start in range(0, int(todo.numel()), self.batch_size):
+        starts = range(0, int(todo.numel()), self.batch_size)
+        saved = {s for s in starts if self.journal is not None and self.journal.done(threat, spec.label, s)}
+        # the images of the batches to attack, in order (streamed ones load while the previous batch is attacked)
+        images = batches_of(self.x, [todo[s:s + self.batch_size] for s in starts if s not in saved], dev)
+        for start in starts:
             sel = todo[start:start + self.batch_size]
-            batch = self._batch(atk, spec.label, threat, start, sel, todo)
+            batch = self._batch(atk, spec.label, threat, start, sel, todo, None if start in saved else images)
             seconds += batch.seconds
             for k, v in batch.stats.items():
                 stats[k] = stats.get(k, 0) + v
@@ -526,17 +544,17 @@ class _Attacked:
                             stats)
 
     def _batch(self, atk, label: str, threat: ThreatModel, start: int, sel: torch.Tensor,
-               todo: torch.Tensor) -> BatchResult:
-        """The batch at ``start`` of ``todo``: loaded from the journal when saved there, else attacked
-        (and saved)."""
+               todo: torch.Tensor, images) -> BatchResult:
+        """The batch at ``start`` of ``todo``: loaded from the journal when saved there (``images``
+        None), else attacked on the next of ``images`` (and saved)."""
         journal = self.journal
-        if journal is not None and journal.done(threat, label, start):
+        if images is None:
             batch = journal.load(threat, label, start)
             _check_saved_batch(batch, self.ids[sel], journal.path(threat, label, start))
             return batch
         if self.on_progress is not None:
             atk.on_step = _BatchProgress(self.on_progress, threat, label, start, len(sel), int(todo.numel()))
-        batch = _attack_batch(self.model, atk, label, threat, (self.x[sel], self.y[sel], self.ids[sel]),
+        batch = _attack_batch(self.model, atk, label, threat, (next(images), self.y[sel], self.ids[sel]),
                               self.batch_size)
         if journal is not None:
             journal.record(threat, label, start, batch)

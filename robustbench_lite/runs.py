@@ -18,6 +18,7 @@ Everything a run says goes through a runtime.Narrator (the CLI's consoles, or si
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from defenses.methods import MethodConfig
 
 from . import distributed, leaderboard, masking
 from .checkpoint import file_sha256, read_checkpoint
-from .data import DATASETS, DEFAULT_DATASET, check_n_examples, load_dataset
+from .data import DATASETS, DEFAULT_DATASET, check_image_size, check_n_examples, is_streamed, load_dataset
 from .errors import AdvbenchError, SettingError
 from .evaluator import EvalResult, evaluate
 from .fileio import ensure_dir
@@ -47,7 +48,11 @@ from .zoo import load_model, zoo_path
 @dataclass(frozen=True)
 class RunSpec:
     """One evaluation run, checked when built (names, counts, the attacks for every threat model, the
-    device): nothing expensive happens before these checks pass."""
+    device): nothing expensive happens before these checks pass.
+
+    ``network``: a model built in Python (a torch.nn.Module taking images in [0, 1]) instead of a zoo
+    name or a checkpoint; ``model`` is then its name in the leaderboard (default: its class name).
+    ``results_dir`` None: nothing is recorded (no run folder, no leaderboard rows)."""
 
     model: Optional[str] = None
     checkpoint: Optional[str] = None
@@ -59,15 +64,17 @@ class RunSpec:
     batch_size: int = 256
     device: str = "auto"
     seed: int = 0
-    results_dir: str = "results"
+    results_dir: Optional[str] = "results"  # None: evaluate only, record nothing
     data_dir: Optional[str] = None
     download: bool = False
+    image_size: Optional[int] = None        # an image folder's crop; None: the checkpoint's input size, else 224
     fast: FastPaths = FastPaths()           # channels_last, compile (amp is an attack setting: AttackSpec params)
     source: str = "advbench attack"         # what started the run (recorded in config.yaml)
     flags: Tuple[str, ...] = ()
     masking_checks: bool = True             # gradient-masking checks after the evaluation (masking.py)
     resume: Optional[str] = None            # id (or unique prefix) of an unfinished run to continue (runfolder.py)
     suite_entry: str = ""                   # "<suite key>:<model index>" for a suite's run (runfolder.py)
+    network: Optional[torch.nn.Module] = field(default=None, compare=False, repr=False)  # a model built in Python
 
     def __post_init__(self):
         for name in ("threats", "attacks", "flags"):
@@ -75,12 +82,25 @@ class RunSpec:
         check_seed(self.seed)
         if not isinstance(self.cascade, bool):
             raise SettingError(f"{{cascade}} must be True or False (got {self.cascade!r})", "cascade")
-        if not self.model and not self.checkpoint:
+        if self.network is not None:
+            if not isinstance(self.network, torch.nn.Module):
+                raise SettingError(f"{{model}} must be a torch.nn.Module or a model name (got "
+                                   f"{type(self.network).__name__})", "model")
+            if self.checkpoint:
+                raise SettingError("give a model built in Python or {checkpoint}, not both", "checkpoint")
+            object.__setattr__(self, "model", self.model or type(self.network).__name__)
+        elif not self.model and not self.checkpoint:
             raise SettingError("give {model} (the zoo baseline is used) or {checkpoint}", "model", "checkpoint")
-        if self.model:
+        elif self.model:
             MODELS.canonical(self.model)
+        if self.results_dir is None and self.resume:
+            raise SettingError("{resume} needs the results folder the run was recorded in", "resume")
         if self.dataset:
             DATASETS.canonical(self.dataset)
+        check_image_size(self.image_size)
+        if self.image_size is not None and self.dataset and not is_streamed(self.dataset):
+            raise SettingError(f"{{image_size}} applies to image folders (imagenet, imagefolder:PATH), not to "
+                               f"{self.dataset}", "image_size")
         if self.checkpoint and not Path(self.checkpoint).is_file():
             raise AdvbenchError(f"checkpoint not found: {self.checkpoint}")
         if not self.threats:
@@ -107,15 +127,38 @@ class RunSpec:
 
 @dataclass
 class RunRecord:
+    """An evaluation run: its id and folder ("" and None when nothing was recorded), its EvalResult and
+    what the leaderboard records of the model. ``clean_acc``, ``robust_acc`` (attack label -> robust
+    accuracy) and ``worst_case_acc`` read the first threat model (``result`` holds them all)."""
+
     run_id: str
-    run_dir: Path
+    run_dir: Optional[Path]
     result: EvalResult
     info: Dict[str, Any]
+
+    @property
+    def clean_acc(self) -> float:
+        return self.result.clean_acc
+
+    @property
+    def robust_acc(self) -> Dict[str, float]:
+        t = self.result.threats[0]
+        return {label: t.robust_acc(label) for label in t.attacks}
+
+    @property
+    def worst_case_acc(self) -> float:
+        return self.result.threats[0].worst_case_acc
+
+    @property
+    def evaluation(self) -> str:
+        """What the worst case is worth: a reportable suite's name, or weak (an upper bound)."""
+        return self.result.evaluation
 
     def summary(self) -> Dict[str, Any]:
         keep = ("model", "checkpoint", "checkpoint_sha256", "dataset", "dataset_sha256", "defense", "activation",
                 "version", "warnings")
-        return {"run_id": self.run_id, "run_dir": str(self.run_dir), **{k: self.info.get(k) for k in keep},
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir) if self.run_dir is not None else None,
+                **{k: self.info.get(k) for k in keep},
                 **self.result.summary()}
 
 
@@ -124,8 +167,11 @@ def execute_run(spec: RunSpec, narrator: Narrator = Narrator()) -> RunRecord:
 
     The run folder is created when the evaluation starts and every finished batch is saved in it
     (runfolder.py); ``spec.resume`` continues an unfinished run instead. Ctrl-C / SIGTERM during the
-    evaluation raise runfolder.RunInterrupted."""
-    check_destinations(spec.results_dir)
+    evaluation raise runfolder.RunInterrupted. ``spec.results_dir`` None: evaluate only (no run
+    folder, no leaderboard rows; the record's run_id is "" and its run_dir None)."""
+    recording = spec.results_dir is not None
+    if recording:
+        check_destinations(spec.results_dir)
     resumed = _resumed_folder(spec)
     device = resolve_device(spec.device)
     ctx = distributed.init(device)  # under torchrun: one process per device, each attacks its shard
@@ -139,11 +185,11 @@ def execute_run(spec: RunSpec, narrator: Narrator = Narrator()) -> RunRecord:
     model = spec.fast.accelerate(model, device)
     data, n_total = _test_data(spec, ds, ctx)
     where = f"{ctx.world_size} x {device.type} (DDP)" if ctx.enabled else str(device)
-    narrator.say(f"attacking {info['model']} ({info['checkpoint']}) on {n_total} {info['dataset']} test images "
+    narrator.say(f"attacking {info['model']} ({info['checkpoint'] or 'a model built in Python'}) on {n_total} {info['dataset']} test images "
                  f"({spec.dataset_reason(info['dataset'], narrator)}): {', '.join(a.label for a in spec.attacks)} "
                  f"({mode_name(spec.cascade)}) x {', '.join(str(t) for t in spec.threats)} on {where}")
     config = _run_config(spec, info, n_total, device, ctx)
-    folder = _open_folder(spec, config, info, resumed, ctx, narrator)
+    folder = _open_folder(spec, config, info, resumed, ctx, narrator) if recording else None
     journal = folder.journal() if folder is not None and not ctx.enabled else None  # DDP: no journal
     try:
         result, warnings = _evaluate(spec, model, data, device, ctx, journal, narrator)
@@ -157,10 +203,14 @@ def execute_run(spec: RunSpec, narrator: Narrator = Narrator()) -> RunRecord:
             folder.discard()  # a fresh run that failed leaves nothing behind
         raise
     if not ctx.is_main:
-        return RunRecord("", Path(spec.results_dir), result, info)  # only rank 0 writes
+        return RunRecord("", Path(spec.results_dir) if recording else None, result, info)  # only rank 0 writes
     budget = [w for w in (t.atypical(data[0].shape[1:], info["dataset"]) for t in spec.threats) if w]
     for w in budget:  # on stderr: the run's output stays a table or JSON
         narrator.notice(f"warning: {w}")
+    if not recording:
+        info["flags"] = ";".join(config["flags"] + sorted({w.flag for w in warnings}))
+        info["warnings"] = [w.message for w in warnings]
+        return RunRecord("", None, result, info)
     return _record(spec, folder, resumed is not None, config, info, result, warnings, bool(budget))
 
 
@@ -184,24 +234,82 @@ def _resumed_folder(spec: RunSpec) -> Optional[RunFolder]:
 def _load(spec: RunSpec, device: torch.device, narrator: Narrator):
     """(model, dataset, info): the data is loaded and checked against the run's settings (n_examples
     within the test split, no L2 eps beyond any image distance) before a model is loaded or a
-    baseline trained; a baseline about to be trained is announced with the dataset and why."""
+    baseline trained; a baseline about to be trained is announced with the dataset and why. A model
+    built in Python (``spec.network``) is tried on one test image."""
     ckpt = read_checkpoint(spec.checkpoint) if spec.checkpoint else {}
-    ds = load_dataset(spec.dataset or ckpt.get("dataset") or DEFAULT_DATASET, data_dir=spec.data_dir,
-                      download=spec.download)
+    name = spec.dataset or ckpt.get("dataset") or DEFAULT_DATASET
+    ds = load_dataset(name, data_dir=spec.data_dir, download=spec.download,
+                      image_size=_image_size(spec, ckpt) if is_streamed(name) else spec.image_size)
     check_n_examples(spec.n_examples, len(ds.y_test), f"the test split of {ds.name}")
     for t in spec.threats:
         t.check_input_shape(ds.input_shape)
+    if ds.name == "imagenet" and not ds.first_n:
+        narrator.say(f"imagenet: the package robustbench is not installed, so the test split is all "
+                     f"{len(ds.y_test):,} images (seeded subsets), not RobustBench's list of 5,000 (pip install "
+                     f"'advbench[robustbench]')")
+    if spec.network is not None:
+        check_network(spec.network, ds)
+        return spec.network, ds, network_info(spec.model, spec.network, ds)
     if not spec.checkpoint and not zoo_path(spec.model, ds).is_file():
         narrator.say(f"dataset {ds.name} ({spec.dataset_reason(ds.name, narrator)})")
     model, info = load_model(spec.model, spec.checkpoint, ds, seed=spec.seed, device=str(device), narrator=narrator)
     return model, ds, info
 
 
+def check_network(network: torch.nn.Module, ds) -> None:
+    """A model built in Python must take the dataset's images and give one logit per class: tried on the
+    first test image (eval mode, no gradients; the model's mode is restored)."""
+    x = ds.x_test[:1]
+    x = x.load() if ds.streamed else x
+    was_training = network.training
+    try:
+        network.eval()
+        with torch.no_grad():
+            out = network(x.to(next(iter(network.parameters()), x).device))
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, it cannot take these images
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AdvbenchError(f"the model cannot take the {'x'.join(map(str, ds.input_shape))} images of dataset "
+                            f"{ds.name} ({type(exc).__name__}: {why})") from None
+    finally:
+        network.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, ds.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise AdvbenchError(f"the model gives {shape} for one image of dataset {ds.name}; expected logits of "
+                            f"shape (1, {ds.num_classes}), one per class")
+
+
+def network_info(name: str, network: torch.nn.Module, ds) -> Dict[str, Any]:
+    """A model built in Python as the leaderboard records it: its name, no checkpoint file, and as
+    checkpoint_sha256 the sha256 of its weights (names, dtypes, shapes, bytes), so that two models of
+    the same class are two entries."""
+    h = hashlib.sha256()
+    for key, t in network.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(memoryview(t.view(torch.uint8).numpy()))
+    return {"model": name, "checkpoint": "", "checkpoint_sha256": h.hexdigest(), "dataset": ds.name,
+            "dataset_sha256": ds.fingerprint, "defense": "", "defense_params": "", "activation": "",
+            "checkpoint_metrics": {}, "flags": ["python-model"]}
+
+
+def _image_size(spec: RunSpec, ckpt) -> Optional[int]:
+    """An image folder's crop: the run's image_size, else the checkpoint's input size (square), else None
+    (the dataset's default)."""
+    if spec.image_size is not None:
+        return spec.image_size
+    shape = ckpt.get("input_shape") or []
+    if len(shape) == 3 and isinstance(shape[1], int) and shape[1] == shape[2] and shape[1] >= 8:
+        return int(shape[1])
+    return None
+
+
 def _test_data(spec: RunSpec, ds, ctx) -> Tuple[Tuple[torch.Tensor, torch.Tensor, torch.Tensor], int]:
     """((x, y, sample ids) this process attacks, the run's number of examples): the seeded test
-    subset, under torchrun this rank's strided shard of it."""
+    subset, under torchrun this rank's strided shard of it; an image folder's x stays streamed."""
     x, y, ids = ds.subset("test", spec.n_examples, spec.seed)
-    x = spec.fast.inputs(x)
+    if not ds.streamed:
+        x = spec.fast.inputs(x)
     n_total = len(y)
     if ctx.enabled:
         mine = distributed.shard(len(y), ctx)

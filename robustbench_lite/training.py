@@ -58,7 +58,7 @@ from defenses.methods import METHODS, StepOutput, TrainingMethod
 from . import distributed, evaluator
 from .checkpoint import build_checkpoint, load_state, read_checkpoint, save_checkpoint
 from .data import DATASETS, check_n_examples, load_dataset
-from .errors import SettingError
+from .errors import AdvbenchError, SettingError
 from .fileio import LockBusy, atomic_write_text, check_not_directory, csv_text, ensure_dir, locked
 from .models import MODELS, activation_factory, model_for_dataset
 from .rng import epoch_seed
@@ -399,6 +399,9 @@ class Trainer:
         self.device = distributed.local_device(device)
         self.narrator = narrator.quieter(not self.ctx.is_main)
         self.ds = dataset if dataset is not None else load_dataset(cfg.dataset)
+        if len(self.ds.y_train) == 0:  # an image folder (imagenet, imagefolder:PATH) is a test split only
+            raise AdvbenchError(f"dataset {self.ds.name} has no training images (an evaluation-only image folder): "
+                                f"nothing to train a model on; evaluate a checkpoint instead")
         self.out = Path(cfg.out)
         ensure_dir(self.out.parent)
         seed_everything(cfg.seed)
