@@ -455,7 +455,9 @@ def _without(argv: List[str], options) -> List[str]:
 def attack_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Model name; without --checkpoint its zoo baseline is used "
-                                             "(trained and cached when missing)."),
+                                             "(trained and cached when missing). Your own: file:PATH.py:NAME "
+                                             "(runs your code) with --checkpoint; pretrained: tv:NAME / timm:NAME "
+                                             "with --weights, rb:NAME (RobustBench) with --model-dir."),
     eps: str = typer.Option(..., "--eps", help="Budget in pixel units (8/255, 0.3), or a sweep: 2/255,4/255,8/255."),
     norm: str = typer.Option("linf", "--norm", help="linf or l2."),
     attack: Optional[str] = typer.Option(None, "--attack", "-a",
@@ -490,8 +492,26 @@ def attack_cmd(
                                                "`--model resnet18` alone evaluates MNIST; give --dataset cifar10 "
                                                "(with --data-dir/--download) for colour images."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where torchvision datasets live."),
-    download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint to evaluate."),
+    download: bool = typer.Option(False, "--download", help="Download torchvision datasets and model weights "
+                                                           "(--weights, rb:NAME) if missing."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c",
+                                             help="Checkpoint to evaluate: an advbench checkpoint, or a plain "
+                                                  "state_dict of --model (e.g. file:net.py:Net; also nested under "
+                                                  "state_dict / model / net, DataParallel's module. stripped)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Pretrained weights of a tv:NAME or timm:NAME "
+                                                                  "model: DEFAULT, a torchvision weights name "
+                                                                  "(IMAGENET1K_V1) or a file; their preprocessing "
+                                                                  "becomes the model's Normalize layer."),
+    model_dir: Optional[str] = typer.Option(None, "--model-dir", help="Where rb:NAME models (RobustBench's zoo) "
+                                                                      "keep their weights, in RobustBench's layout "
+                                                                      "DIR/<dataset>/<Linf|L2|corruptions>/NAME.pt "
+                                                                      "(default: ./models)."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="MEAN/STD (e.g. 0.5/0.25 or one value per "
+                                                                      "channel, comma-separated) or a dataset name "
+                                                                      "(cifar10, imagenet): the normalisation the "
+                                                                      "network of --checkpoint / --weights expects "
+                                                                      "(default: a file: model takes the [0, 1] "
+                                                                      "images as they are)."),
     n_examples: Optional[int] = typer.Option(1000, "--n-examples", "-n", help="Test examples (seeded subset)."),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -523,7 +543,8 @@ def attack_cmd(
                    n_examples=n_examples, batch_size=batch_size, device=device, seed=seed, results_dir=results_dir,
                    data_dir=data_dir, download=download, fast=FastPaths(channels_last=channels_last, compile=compile),
                    flags=[f"attack-suite={suite.strip().lower()}"] if suite else [],
-                   masking_checks=masking_checks, resume=resume)
+                   masking_checks=masking_checks, resume=resume, weights=weights, model_dir=model_dir,
+                   normalize=normalize)
     out = err_console if json_out else console
     record = execute_run(spec, narrator(out))
     if not record.run_id:  # a DDP rank other than 0: rank 0 reports
