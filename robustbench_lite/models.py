@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -346,7 +347,9 @@ MODELS.register_prefix("quantized:", _quantized_model)
 def optional_import(module: str, extra: str, what: str):
     """Import an optional package; missing, it is one line saying how to install it."""
     try:
-        return importlib.import_module(module)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. timm's and robustbench's imports warn about torch APIs
+            return importlib.import_module(module)
     except ImportError as exc:
         missing = getattr(exc, "name", None) or module
         why = "" if module == missing or module.startswith(missing + ".") else f" (importing it failed: {exc})"

@@ -351,7 +351,7 @@ def load_robustbench(rb_name: str, ds, model_dir: Optional[str] = None, norm: st
     if name not in models:
         close = suggest(name, list(models), n=3, show=lambda c: f"rb:{c}")
         raise AdvbenchError(f"unknown RobustBench model {name!r} for {dataset} {threat}" + (f"; {close}" if close else "")
-                            + f" ({len(models)} known: RobustBench's leaderboard lists them)")
+                            + " (RobustBench's leaderboard lists its models)")
     root = model_dir if model_dir is not None else "models"
     path = robustbench_path(root, dataset, threat, name)
     ids = models[name].get("gdrive_id")
