@@ -289,7 +289,7 @@ class _RepeatChannels(nn.Module):
 def _torchvision_model(tv_name: str, in_channels: int = 3, num_classes: int = 10, input_size: int = 32,
                        mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
                        activation: str = "relu", smooth_backward: Optional[str] = None) -> Classifier:
-    """any torchvision classifier, random init (e.g. tv:resnet50, tv:vit_b_16)"""
+    """any torchvision classifier, random init (e.g. tv:resnet50, tv:vit_b_16); pretrained: --weights"""
     import torchvision.models as tvm
 
     if tv_name not in tvm.list_models(module=tvm):

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import yaml
 
-from .checkpoint import model_from_checkpoint
 from .data import load_dataset
 from .errors import AdvbenchError
 from .fileio import atomic_write_text, ensure_dir, not_a_file
@@ -40,6 +39,7 @@ from .runfolder import matching_run_ids, run_ids
 from .runtime import pct
 from .specs import ATTACK_SUITES, CASCADE, PER_ATTACK, REFERENCE_SUITE, WEAK, AttackSpec, evaluation_kind
 from .threat import ThreatModel, format_eps
+from .zoo import load_model
 
 
 def _plt():
@@ -138,7 +138,8 @@ def adversarial_examples(config: Dict[str, Any], summary: Dict[str, Any], run_pa
     threat = ThreatModel(t["norm"], t["eps"])
     spec = next(a for a in config["attacks"] if a["label"] == lab)
     ds = load_dataset(config["dataset"])
-    model, _ = model_from_checkpoint(ckpt, config.get("model"), ds)
+    source = {k: v for k, v in (config.get("model_source") or {}).items() if k in ("weights", "model_dir", "normalize")}
+    model, _ = load_model(config.get("model"), ckpt, ds, norm=t["norm"], **source)  # as the run loaded it
     model.to(device).eval()
     # which samples: from outcomes.csv (this threat), fooled ones first
     rows = []

@@ -431,6 +431,10 @@ def test_robustbench_model_from_its_layout_gets_images_in_0_1(work, rb_dir):
     xs, ys, _ = ds.subset("test", 10, 0)
     with torch.no_grad():
         assert out["clean_acc"] == pytest.approx((ref(xs).argmax(1) == ys).float().mean().item())
+    # the report re-runs the attack on the model as the run loaded it (its config records --model-dir)
+    r = run("report", out["run_id"], "--results-dir", d / "results", "--n-images", "2")
+    assert r.exit_code == 0, r.stderr
+    assert (Path(out["run_dir"]) / "report.md").is_file()
     # the attacked network itself only ever sees images in [0, 1]
     from robustbench_lite.evaluator import evaluate
     from robustbench_lite.specs import with_overrides
