@@ -430,9 +430,16 @@ def _reportable_command(record) -> str:
     if argv[:1] == ["attack"]:
         args = _without(argv, _ATTACK_CHOICE)
     else:
+        from .sources import is_pretrained, kind
+
         res, info = record.result, record.info
         eps = ",".join(format_eps(t.threat.eps) for t in res.threats)
-        args = ["attack", "--checkpoint", str(info["checkpoint"]), "--dataset", str(info["dataset"]), "--norm",
+        source = info.get("model_source") or {}
+        model = str(info.get("model") or "")
+        named = ["--model", model] if source or kind(model) != "registry" else []
+        loaded = [] if is_pretrained(model, source.get("weights")) else ["--checkpoint", str(info["checkpoint"])]
+        options = [a for k, v in source.items() for a in ("--" + k.replace("_", "-"), str(v))]
+        args = ["attack", *named, *loaded, *options, "--dataset", str(info["dataset"]), "--norm",
                 res.threats[0].threat.norm, "--eps", eps, "-n", str(res.n_total)]
     return shlex.join(["advbench", *args, "--suite", "standard"])
 

@@ -232,6 +232,8 @@ def _run_config(spec: RunSpec, info: Dict[str, Any], n_total: int, device, ctx) 
     resolved = build_attacks(spec.attacks, spec.threats[:1], spec.seed)
     source = {k: v for k, v in (("weights", spec.weights), ("model_dir", spec.model_dir),
                                 ("normalize", spec.normalize)) if v is not None}
+    if source:
+        info["model_source"] = dict(source)  # how the model was loaded: the reportable command repeats it
     return {
         "run_id": "", "source": spec.source, "timestamp": info["timestamp"], "version": info["version"],
         "model": info["model"], "checkpoint": info["checkpoint"], "checkpoint_sha256": info["checkpoint_sha256"],

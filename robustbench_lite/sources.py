@@ -202,8 +202,9 @@ def _fetch(download, what: str, path: Path) -> None:
                             f"{_first_line(exc)})") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    line = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _plain_state_dict(path: Path, what: str) -> Dict[str, torch.Tensor]:

@@ -256,6 +256,8 @@ attacks: [fgsm]
         f"with --weights PATH)")
     (row,) = [r for r in leaderboard_rows(d / "results") if r["attack"] == "fgsm"]  # the first model ran
     assert row["model"] == "file:net.py:Net"
+    assert (f"for a reportable robust accuracy run `advbench attack --model file:net.py:Net --checkpoint net.pt "
+            f"--normalize 0.5/0.25 --dataset {npz(d)} --norm linf --eps 8/255 -n 10 --suite standard`") in r.stdout
     (d / "bad.yaml").write_text((d / "suite.yaml").read_text().replace("weights: DEFAULT", "model_dir: models"))
     with pytest.raises(AdvbenchError, match=r"bad.yaml: line 9: model_dir is where rb:NAME models"):
         load_suite(d / "bad.yaml")
@@ -316,7 +318,7 @@ def test_tv_default_weights_come_from_the_torch_hub_cache(work):
     assert line == "error: tv:resnet18 has no --weights 'IMAGENET1K_V7' (known: DEFAULT, IMAGENET1K_V1, or a file)"
 
 
-def test_tv_weights_errors(work):
+def test_tv_weights_errors(work, monkeypatch):
     d, _ = work
     base = ["--dataset", npz(d), "-n", "5", "--results-dir", d / "r"]
     torch.save(nn.Linear(3, 2).state_dict(), d / "linear.pth")
@@ -331,6 +333,16 @@ def test_tv_weights_errors(work):
                            f"body.conv1.weight, body.bn1.weight")
     assert error_line(attack("--model", "tv:resnet18", "--weights", "DEFAULT", "--checkpoint", d / "net.pt",
                              *base)) == "error: --weights and --checkpoint conflict: give the pretrained weights once"
+    # --download without a network: one line naming the file it could not fetch (never a traceback)
+    import urllib.error
+
+    def offline(url, dst, *a, **k):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert error_line(attack("--model", "tv:resnet18", "--weights", "DEFAULT", "--download", *base)) == (
+        f"error: could not download the weights of tv:resnet18 to {d}/torch-home/hub/checkpoints/resnet18-f37072fd.pth "
+        f"(URLError: <urlopen error [Errno -2] Name or service not known>)")
 
 
 # --- timm ----------------------------------------------------------------------------------------------------
@@ -451,6 +463,10 @@ def test_robustbench_errors(work, rb_dir):
         (["--model", "rb:Standard", "--model-dir", root],
          f"error: rb:Standard weights not found at {root}/cifar10/Linf/Standard.pt (RobustBench's layout "
          f"<model-dir>/cifar10/Linf/Standard.pt; no download without --download; offline, put the file there)"),
+        (["--model", "rb:corruptions/Standard", "--model-dir", root],  # a threat model of its own, not --norm's
+         f"error: rb:Standard weights not found at {root}/cifar10/corruptions/Standard.pt (RobustBench's layout "
+         f"<model-dir>/cifar10/corruptions/Standard.pt; no download without --download; offline, put the file "
+         f"there)"),
         (["--model", "rb:Wong2020Fast", "--model-dir", root, "--norm", "l2", "--eps", "0.5"],
          "error: unknown RobustBench model 'Wong2020Fast' for cifar10 L2 (RobustBench's leaderboard lists its models)"),
         (["--model", "rb:Wong2020Fst", "--model-dir", root],
