@@ -495,6 +495,28 @@ def test_robustbench_errors(work, rb_dir):
                            f"state_dict: ")
 
 
+def test_robustbench_download_goes_through_robustbench_only_when_asked(work, rb_dir, monkeypatch):
+    import robustbench.utils
+
+    d, _ = work
+    root, ref = rb_dir
+    fetched = []
+
+    def fake_gdrive(gdrive_id, fname_save):  # RobustBench's own download path, without the network
+        fetched.append((gdrive_id, str(fname_save)))
+        torch.save(ref.state_dict(), fname_save)
+
+    monkeypatch.setattr(robustbench.utils, "download_gdrive_new", fake_gdrive)
+    other = d / "elsewhere"
+    base = ["--model", "rb:Wong2020Fast", "--model-dir", other, "--dataset", npz(d), "-n", "5", "--results-dir",
+            d / "r"]
+    assert error_line(attack(*base)).startswith(f"error: rb:Wong2020Fast weights not found at {other}/cifar10/Linf/")
+    assert not fetched
+    r = attack(*base, "--download")
+    assert r.exit_code == 0, r.stderr
+    assert fetched == [("1Re--_lf3jCEw9bnQqGkjw3J7v2tSZKrv", f"{other}/cifar10/Linf/Wong2020Fast.pt")]
+
+
 @pytest.mark.slow
 def test_robustbench_standard_wrn_28_10_end_to_end(work):
     """The command of the issue, offline: rb:Standard (a WideResNet-28-10) from a RobustBench layout the
