@@ -475,7 +475,7 @@ def _own_activations(name: str, activation: str, smooth_backward: Optional[str])
 def _user_model(ref: str, in_channels: int = 3, num_classes: int = 10, input_size: int = 32,
                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), activation: str = "relu",
                 smooth_backward: Optional[str] = None) -> Classifier:
-    """your own architecture: NAME (an nn.Module class or zero-argument factory) of PATH.py or of an importable module; runs your code"""
+    """your own nn.Module class or zero-argument factory NAME of PATH.py (or module.sub:NAME): runs your code"""
     _own_activations(f"file:{ref}", activation, smooth_backward)
     net = build_user_network(ref)
     return Classifier(net, _per_channel(mean, in_channels), _per_channel(std, in_channels),

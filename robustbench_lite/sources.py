@@ -351,8 +351,8 @@ def load_robustbench(rb_name: str, ds, model_dir: Optional[str] = None, norm: st
     models = zoo.model_dicts[enums.BenchmarkDataset(dataset)][enums.ThreatModel(threat)]
     if name not in models:
         close = suggest(name, list(models), n=3, show=lambda c: f"rb:{c}")
-        raise AdvbenchError(f"unknown RobustBench model {name!r} for {dataset} {threat}" + (f"; {close}" if close else "")
-                            + " (RobustBench's leaderboard lists its models)")
+        raise AdvbenchError(f"unknown RobustBench model {name!r} for {dataset} {threat}"
+                            + (f"; {close}" if close else "") + " (RobustBench's leaderboard lists its models)")
     root = model_dir if model_dir is not None else "models"
     path = robustbench_path(root, dataset, threat, name)
     ids = models[name].get("gdrive_id")

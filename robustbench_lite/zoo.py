@@ -11,8 +11,9 @@ A run's model comes from here (load_model, the one resolver of model names): a m
 (rb:NAME from RobustBench's zoo, tv:NAME / timm:NAME with pretrained weights: sources.py), a
 checkpoint file (an advbench checkpoint, or a plain state_dict of the named architecture, e.g. the
 user's own file:PATH.py:NAME), or without one the zoo entry of the model name, and when there is
-none a standard baseline is trained first (and the narrator says so). Checking for the entry, training it and writing it happen under a lock on the entry:
-concurrent runs train it once, the others wait and then use it. model_info describes a loaded
+none a standard baseline is trained first (and the narrator says so). Checking for the entry,
+training it and writing it happen under a lock on the entry: concurrent runs train it once, the
+others wait and then use it. model_info describes a loaded
 model as the leaderboard records it (name, checkpoint sha256, dataset sha256, defense, activation)."""
 from __future__ import annotations
 
