@@ -6,7 +6,10 @@
      "extra": {...}, "state_dict": {...}}
 
 Written atomically; read with torch.load(weights_only=True), so a checkpoint never runs code.
-A plain state_dict also loads when the caller names the model.
+A plain state_dict also loads when the caller names the model: at the top level or nested under
+"state_dict", "model" or "net" (other tools' checkpoints), with DataParallel's "module." prefix
+stripped. A checkpoint that names a file: model (the user's code) is only rebuilt when the caller
+names that model too: reading a checkpoint never imports code it names.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import math
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -103,11 +106,22 @@ def read_checkpoint(path) -> Dict[str, Any]:
         _check_fields(obj, p)
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return {"format": None, "state_dict": obj}
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # e.g. other tools' {"state_dict": ...}
-        _check_state_dict(obj["state_dict"], p)
-        return {"format": None, "state_dict": obj["state_dict"]}
+        return {"format": None, "state_dict": _unwrapped(obj)}
+    for key in NESTED:  # e.g. other tools' {"state_dict": ..., "epoch": ...}, {"model": ...}, {"net": ...}
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and obj[key]:
+            _check_state_dict(obj[key], p)
+            return {"format": None, "state_dict": _unwrapped(obj[key])}
     raise AdvbenchError(f"checkpoint {p} is neither an advbench checkpoint nor a state_dict")
+
+
+NESTED = ("state_dict", "model", "net")  # where other tools keep the state_dict in a checkpoint dict
+
+
+def _unwrapped(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A state_dict without DataParallel's "module." prefix (when every key has it)."""
+    if sd and all(isinstance(k, str) and k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
 
 
 def _check_state_dict(sd: Dict[Any, Any], p: Path) -> None:
@@ -177,15 +191,24 @@ def load_state(model, state_dict: Dict[str, torch.Tensor], source: str = "checkp
     model.load_state_dict(sd)
 
 
-def model_from_checkpoint(path, model_name: Optional[str] = None, dataset=None):
+def model_from_checkpoint(path, model_name: Optional[str] = None, dataset=None,
+                          normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None):
     """Rebuild a model from a checkpoint. Returns (model, ckpt).
 
-    An advbench checkpoint carries its own architecture; ``model_name`` (if given) must agree.
-    A plain state_dict needs ``model_name`` and ``dataset`` (for shapes and normalisation)."""
+    An advbench checkpoint carries its own architecture and normalisation; ``model_name`` (if given)
+    must agree. A plain state_dict needs ``model_name`` and ``dataset`` (for shapes); its network sees
+    inputs normalised with ``normalize`` (mean, std), else for a file: model the raw [0, 1] images,
+    else the dataset's mean / std."""
     ckpt = read_checkpoint(path)
     if ckpt["format"] == FORMAT:
         if model_name and model_name.lower() != str(ckpt["model"]).lower():
             raise AdvbenchError(f"checkpoint {path} holds model {ckpt['model']!r}, not {model_name!r}")
+        if str(ckpt["model"]).lower().startswith("file:") and not model_name:
+            raise SettingError(f"checkpoint {path} holds model {ckpt['model']!r}, your own code: name it with "
+                               f"{{model}} {ckpt['model']} to run it (a checkpoint alone never runs code)", "model")
+        if normalize is not None:
+            raise SettingError(f"checkpoint {path} is an advbench checkpoint with its own normalisation: drop "
+                               f"{{normalize}}", "normalize")
         kw = dict(ckpt.get("model_kwargs") or {})
         try:
             model = create_model(ckpt["model"], mean=ckpt["normalization"]["mean"],
@@ -207,7 +230,10 @@ def model_from_checkpoint(path, model_name: Optional[str] = None, dataset=None):
     else:
         if not model_name or dataset is None:
             raise SettingError(f"{path} is a plain state_dict: name its architecture with {{model}}", "model")
-        model = model_for_dataset(model_name, dataset)
+        if normalize is None and model_name.strip().lower().startswith("file:"):
+            c = dataset.input_shape[0]
+            normalize = ((0.0,) * c, (1.0,) * c)  # your own network: the raw [0, 1] images
+        model = model_for_dataset(model_name, dataset, normalize=normalize)
     load_state(model, ckpt["state_dict"], source=f"checkpoint {path}")
     model.eval()
     return model, ckpt

@@ -430,9 +430,16 @@ def _reportable_command(record) -> str:
     if argv[:1] == ["attack"]:
         args = _without(argv, _ATTACK_CHOICE)
     else:
+        from .sources import is_pretrained, kind
+
         res, info = record.result, record.info
         eps = ",".join(format_eps(t.threat.eps) for t in res.threats)
-        args = ["attack", "--checkpoint", str(info["checkpoint"]), "--dataset", str(info["dataset"]), "--norm",
+        source = info.get("model_source") or {}
+        model = str(info.get("model") or "")
+        named = ["--model", model] if source or kind(model) != "registry" else []
+        loaded = [] if is_pretrained(model, source.get("weights")) else ["--checkpoint", str(info["checkpoint"])]
+        options = [a for k, v in source.items() for a in ("--" + k.replace("_", "-"), str(v))]
+        args = ["attack", *named, *loaded, *options, "--dataset", str(info["dataset"]), "--norm",
                 res.threats[0].threat.norm, "--eps", eps, "-n", str(res.n_total)]
     return shlex.join(["advbench", *args, "--suite", "standard"])
 
@@ -455,7 +462,9 @@ def _without(argv: List[str], options) -> List[str]:
 def attack_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="Model name; without --checkpoint its zoo baseline is used "
-                                             "(trained and cached when missing)."),
+                                             "(trained and cached when missing). Your own: file:PATH.py:NAME "
+                                             "(runs your code) with --checkpoint; pretrained: tv:NAME / timm:NAME "
+                                             "with --weights, rb:NAME (RobustBench) with --model-dir."),
     eps: str = typer.Option(..., "--eps", help="Budget in pixel units (8/255, 0.3), or a sweep: 2/255,4/255,8/255."),
     norm: str = typer.Option("linf", "--norm", help="linf or l2."),
     attack: Optional[str] = typer.Option(None, "--attack", "-a",
@@ -492,8 +501,26 @@ def attack_cmd(
                                                "(with --data-dir/--download) for colour images."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Where torchvision datasets live; imagenet: its "
                                                                     "validation folder (SYNSET/IMAGE.JPEG)."),
-    download: bool = typer.Option(False, "--download", help="Download torchvision datasets if missing."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Checkpoint to evaluate."),
+    download: bool = typer.Option(False, "--download", help="Download torchvision datasets and model weights "
+                                                           "(--weights, rb:NAME) if missing."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c",
+                                             help="Checkpoint to evaluate: an advbench checkpoint, or a plain "
+                                                  "state_dict of --model (e.g. file:net.py:Net; also nested under "
+                                                  "state_dict / model / net, DataParallel's module. stripped)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Pretrained weights of a tv:NAME or timm:NAME "
+                                                                  "model: DEFAULT, a torchvision weights name "
+                                                                  "(IMAGENET1K_V1) or a file; their preprocessing "
+                                                                  "becomes the model's Normalize layer."),
+    model_dir: Optional[str] = typer.Option(None, "--model-dir", help="Where rb:NAME models (RobustBench's zoo) "
+                                                                      "keep their weights, in RobustBench's layout "
+                                                                      "DIR/<dataset>/<Linf|L2|corruptions>/NAME.pt "
+                                                                      "(default: ./models)."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="MEAN/STD (e.g. 0.5/0.25 or one value per "
+                                                                      "channel, comma-separated) or a dataset name "
+                                                                      "(cifar10, imagenet): the normalisation the "
+                                                                      "network of --checkpoint / --weights expects "
+                                                                      "(default: a file: model takes the [0, 1] "
+                                                                      "images as they are)."),
     n_examples: str = typer.Option("1000", "--n-examples", "-n",
                                    help="Test examples (seeded subset; imagenet with robustbench installed: the "
                                         "first N of RobustBench's 5,000), or all: the whole test split."),
@@ -531,7 +558,8 @@ def attack_cmd(
                    results_dir=results_dir, data_dir=data_dir, download=download, image_size=image_size,
                    fast=FastPaths(channels_last=channels_last, compile=compile),
                    flags=[f"attack-suite={suite.strip().lower()}"] if suite else [],
-                   masking_checks=masking_checks, resume=resume)
+                   masking_checks=masking_checks, resume=resume, weights=weights, model_dir=model_dir,
+                   normalize=normalize)
     out = err_console if json_out else console
     record = execute_run(spec, narrator(out))
     if not record.run_id:  # a DDP rank other than 0: rank 0 reports

@@ -544,6 +544,16 @@ def is_streamed(name: str) -> bool:
 _CACHE: dict = {}
 
 
+def known_normalization(name: str) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+    """(mean, std) of a named dataset without loading it; None for others (npz:PATH: from its arrays)."""
+    key = name.strip().lower()
+    if key == "mnist-5k":
+        return (0.1307,), (0.3081,)
+    if key in _TV:
+        return _TV[key][1], _TV[key][2]
+    return None
+
+
 def load_dataset(name: str = DEFAULT_DATASET, data_dir: Optional[str] = None, download: bool = False,
                  image_size: Optional[int] = None) -> Dataset:
     """Load a dataset by registry name (cached per process). ``image_size``: the size an image folder's

@@ -4,10 +4,23 @@ activation name, and starts with a Normalize layer: models eat images in [0, 1].
 Built-in: smallcnn (Madry et al. MNIST net), lenet, resnet18/34/50 (CIFAR-style 3x3 stem),
 preact-resnet18, wrn-28-10, wrn-34-10, and any torchvision classifier as tv:NAME. quantized:NAME is
 NAME behind 4-level input quantisation, a deliberately gradient-masked model (below).
+
+Architectures from elsewhere, by prefix: file:PATH.py:NAME or file:module.sub:NAME (the user's own
+nn.Module class or zero-argument factory: this imports and runs the user's code), timm:NAME (any timm
+classifier; the optional extra advbench[timm]) and rb:NAME (RobustBench's zoo: a trained model only,
+loaded with its weights by robustbench_lite.sources, never built here). Pretrained weights (tv:/timm:
+--weights, rb:) are loaded by robustbench_lite.sources.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -276,7 +289,7 @@ class _RepeatChannels(nn.Module):
 def _torchvision_model(tv_name: str, in_channels: int = 3, num_classes: int = 10, input_size: int = 32,
                        mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
                        activation: str = "relu", smooth_backward: Optional[str] = None) -> Classifier:
-    """any torchvision classifier, random init (e.g. tv:resnet50, tv:vit_b_16)"""
+    """any torchvision classifier, random init (e.g. tv:resnet50, tv:vit_b_16); pretrained: --weights"""
     import torchvision.models as tvm
 
     if tv_name not in tvm.list_models(module=tvm):
@@ -330,6 +343,176 @@ def _quantized_model(inner_name: str, **kwargs) -> Classifier:
 MODELS.register_prefix("quantized:", _quantized_model)
 
 
+# --- architectures from elsewhere ------------------------------------------------------------------
+def optional_import(module: str, extra: str, what: str):
+    """Import an optional package; missing, it is one line saying how to install it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. timm's and robustbench's imports warn about torch APIs
+            return importlib.import_module(module)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or module
+        why = "" if module == missing or module.startswith(missing + ".") else f" (importing it failed: {exc})"
+        raise extra_missing(module, extra, what, why) from None
+
+
+def extra_missing(module: str, extra: str, what: str, why: str = "") -> AdvbenchError:
+    """The one line of a missing optional package: what needs it and how to install it."""
+    package = module.split(".")[0]
+    return AdvbenchError(f"{what} needs the optional package {package}{why}: pip install 'advbench[{extra}]'")
+
+
+def check_installed(module: str, extra: str, what: str) -> None:
+    """``module`` can be imported (found without importing it), else the install hint."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise extra_missing(module, extra, what)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
+
+
+_USER_MODULES: Dict[Tuple[str, int], Any] = {}
+
+
+def split_user_ref(ref: str) -> Tuple[str, str, bool]:
+    """'net.py:Net' -> ('net.py', 'Net', True: a file); 'pkg.nets:make' -> ('pkg.nets', 'make', False)."""
+    target, sep, attr = ref.strip().rpartition(":")
+    if not sep or not target or not attr.isidentifier():
+        raise AdvbenchError(f"model 'file:{ref}' must name a file and what it defines, file:PATH.py:NAME "
+                            f"(or an importable module, file:module.sub:NAME)")
+    is_file = target.endswith(".py") or "/" in target or "\\" in target
+    if not is_file and not all(p.isidentifier() for p in target.split(".")):
+        raise AdvbenchError(f"model 'file:{ref}': {target!r} is neither a .py file nor a module name")
+    return target, attr, is_file
+
+
+def user_source(ref: str) -> Optional[Path]:
+    """The file that defines file:REF (a module's file when it has one), for the record; the file must exist."""
+    target, _, is_file = split_user_ref(ref)
+    if is_file:
+        p = Path(target).expanduser()
+        if not p.is_file():
+            raise AdvbenchError(f"model file not found: {p}")
+        return p
+    spec = importlib.util.find_spec(target.split(".")[0]) if target else None
+    if spec is None:
+        raise AdvbenchError(f"model 'file:{ref}': no module named {target.split('.')[0]!r} can be imported")
+    return None
+
+
+def _import_user(target: str, is_file: bool):
+    """The module of a file:REF, imported once per process (a file again when it changed): runs its code."""
+    if is_file:
+        p = Path(target).expanduser().resolve()
+        if not p.is_file():
+            raise AdvbenchError(f"model file not found: {Path(target).expanduser()}")
+        key = (str(p), p.stat().st_mtime_ns)
+        if key in _USER_MODULES:
+            return _USER_MODULES[key]
+        name = "advbench_user_" + hashlib.sha1(str(p).encode()).hexdigest()[:12]
+        try:
+            spec = importlib.util.spec_from_file_location(name, p)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses and pickling in the user's file look themselves up
+            spec.loader.exec_module(module)
+        except Exception as exc:  # the user's code: any failure is their file's, reported in one line
+            sys.modules.pop(name, None)
+            raise AdvbenchError(f"model file {Path(target).expanduser()} could not be imported "
+                                f"({type(exc).__name__}: {_first_line(exc)})") from None
+        _USER_MODULES[key] = module
+        return module
+    try:
+        return importlib.import_module(target)
+    except Exception as exc:
+        raise AdvbenchError(f"module {target} could not be imported ({type(exc).__name__}: {_first_line(exc)})"
+                            ) from None
+
+
+def build_user_network(ref: str) -> nn.Module:
+    """NAME of file:REF called with no arguments: an nn.Module class or a factory returning an nn.Module."""
+    target, attr, is_file = split_user_ref(ref)
+    module = _import_user(target, is_file)
+    where = f"model file {Path(target).expanduser()}" if is_file else f"module {target}"
+    obj = getattr(module, attr, None)
+    if obj is None:
+        defined = sorted(n for n, v in vars(module).items()
+                         if not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
+                         and (inspect.isfunction(v) or (isinstance(v, type) and issubclass(v, nn.Module))))
+        close = suggest(attr, defined)
+        raise AdvbenchError(f"{where} does not define {attr}" + (f"; {close}" if close else "")
+                            + (f" (it defines {', '.join(defined)})" if defined else ""))
+    what = f"{attr} of {where}"
+    if not callable(obj):
+        raise AdvbenchError(f"{what} is a {type(obj).__name__}, not an nn.Module class or a factory")
+    try:
+        required = [p.name for p in inspect.signature(obj).parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):
+        required = []
+    if required:
+        raise AdvbenchError(f"{what} needs arguments ({', '.join(required)}): name a class or a factory that takes "
+                            f"none (e.g. def make(): return {attr}(...))")
+    try:
+        net = obj()
+    except Exception as exc:  # the user's constructor
+        raise AdvbenchError(f"{what}() failed ({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(net, nn.Module):
+        raise AdvbenchError(f"{what}() returned a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
+def _own_activations(name: str, activation: str, smooth_backward: Optional[str]) -> None:
+    if ACTIVATIONS.canonical(activation) != "relu" or smooth_backward:
+        raise SettingError(f"{name} keeps its own activations: drop {{activation}} / {{smooth_backward}}",
+                           "activation", "smooth_backward")
+
+
+def _user_model(ref: str, in_channels: int = 3, num_classes: int = 10, input_size: int = 32,
+                mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), activation: str = "relu",
+                smooth_backward: Optional[str] = None) -> Classifier:
+    """your own nn.Module class or zero-argument factory NAME of PATH.py (or module.sub:NAME): runs your code"""
+    _own_activations(f"file:{ref}", activation, smooth_backward)
+    net = build_user_network(ref)
+    return Classifier(net, _per_channel(mean, in_channels), _per_channel(std, in_channels),
+                      dict(name=f"file:{ref}", in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                           activation=activation, smooth_backward=smooth_backward))
+
+
+MODELS.register_prefix("file:", _user_model, placeholder="PATH.py:NAME")
+
+
+def _timm_model(timm_name: str, in_channels: int = 3, num_classes: int = 10, input_size: int = 32,
+                mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), activation: str = "relu",
+                smooth_backward: Optional[str] = None) -> Classifier:
+    """any timm classifier, random init (pip install 'advbench[timm]'; pretrained: --weights)"""
+    _own_activations(f"timm:{timm_name}", activation, smooth_backward)
+    timm = optional_import("timm", "timm", f"model timm:{timm_name}")
+    if not timm.is_model(timm_name):
+        close = suggest(timm_name, timm.list_models(), n=3, show=lambda c: f"timm:{c}")
+        raise AdvbenchError(f"unknown timm model {timm_name!r}" + (f"; {close}" if close else ""))
+    net = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    return Classifier(net, _per_channel(mean, in_channels), _per_channel(std, in_channels),
+                      dict(name=f"timm:{timm_name}", in_channels=in_channels, num_classes=num_classes,
+                           input_size=input_size, activation=activation, smooth_backward=smooth_backward))
+
+
+MODELS.register_prefix("timm:", _timm_model)
+
+
+def _robustbench_model(rb_name: str, **kwargs) -> Classifier:
+    """a trained model of RobustBench's zoo, with its weights from --model-dir (pip install 'advbench[robustbench]')"""
+    raise AdvbenchError(f"rb:{rb_name} is a trained model of RobustBench's zoo: it is loaded with its weights "
+                        f"(advbench attack --model rb:{rb_name} --model-dir DIR), not built or trained here")
+
+
+MODELS.register_prefix("rb:", _robustbench_model)
+
+
 def create_model(name: str, *, in_channels: int = 3, num_classes: int = 10, input_size: int = 32,
                  mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), activation: str = "relu",
                  smooth_backward: Optional[str] = None) -> Classifier:
@@ -347,23 +530,38 @@ def create_model(name: str, *, in_channels: int = 3, num_classes: int = 10, inpu
 MIN_INPUT_SIZE = {"smallcnn": 4, "lenet": 12}
 
 
-def model_for_dataset(name: str, dataset, activation: str = "relu", smooth_backward: Optional[str] = None
-                      ) -> Classifier:
-    """Build ``name`` sized for a robustbench_lite.data.Dataset. A model that cannot take the dataset's
-    images is refused here, with the size it needs (or the reason its one-image trial forward gave)."""
+def model_for_dataset(name: str, dataset, activation: str = "relu", smooth_backward: Optional[str] = None,
+                      normalize: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> Classifier:
+    """Build ``name`` sized for a robustbench_lite.data.Dataset, normalising with ``normalize`` (mean, std)
+    or else the dataset's. A model that cannot take the dataset's images is refused here, with the size
+    it needs (or the reason its one-image trial forward gave)."""
     c, h, w = dataset.input_shape
     key = MODELS.canonical(name)
     need = MIN_INPUT_SIZE.get(key)
     if need and min(h, w) < need:
         raise AdvbenchError(f"model {name!r} needs inputs of at least {need}x{need} pixels, dataset {dataset.name} "
                             f"has {h}x{w}")
+    mean, std = normalize if normalize is not None else (dataset.mean, dataset.std)
     model = create_model(name, in_channels=c, num_classes=dataset.num_classes, input_size=h,
-                         mean=dataset.mean, std=dataset.std, activation=activation, smooth_backward=smooth_backward)
+                         mean=mean, std=std, activation=activation, smooth_backward=smooth_backward)
+    check_takes(model, name, dataset)
+    return model
+
+
+def check_takes(model: nn.Module, name: str, dataset) -> None:
+    """One image of ``dataset`` through ``model`` (eval mode, no gradients): it must give one logit per
+    class. Anything else is one AdvbenchError naming the model and the dataset."""
+    c, h, w = dataset.input_shape
     try:
         with attack_mode(model, "eval"), torch.no_grad():
-            model(torch.zeros(1, c, h, w))
-    except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. a ViT built for 224 px, or non-square images
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            out = model(torch.zeros(1, c, h, w))
+    except Exception as exc:  # e.g. a ViT built for 224 px, non-square images, a user's forward
         raise AdvbenchError(f"model {name!r} cannot take the {c}x{h}x{w} images of dataset {dataset.name} "
-                            f"({why})") from None
-    return model
+                            f"({_first_line(exc)})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise AdvbenchError(f"model {name!r} must return logits of shape (batch, classes); on one image of dataset "
+                            f"{dataset.name} it returned {got}")
+    if out.shape[1] != dataset.num_classes:
+        raise AdvbenchError(f"model {name!r} gives {out.shape[1]} logits per image, dataset {dataset.name} has "
+                            f"{dataset.num_classes} classes")

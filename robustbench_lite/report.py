@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import yaml
 
-from .checkpoint import model_from_checkpoint
 from .data import load_dataset
 from .errors import AdvbenchError
 from .fileio import atomic_write_text, ensure_dir, not_a_file
@@ -43,6 +42,7 @@ from .runtime import pct
 from .specs import ATTACK_SUITES, CASCADE, PER_ATTACK, REFERENCE_SUITE, WEAK, AttackSpec, evaluation_kind
 from .threat import ThreatModel, format_eps
 from .webpage import data_uri, page, pyplot
+from .zoo import load_model
 
 
 def _save(plt, fig, out: Path) -> Path:
@@ -131,7 +131,8 @@ def adversarial_examples(config: Dict[str, Any], summary: Dict[str, Any], run_pa
     threat = ThreatModel(t["norm"], t["eps"])
     spec = next(a for a in config["attacks"] if a["label"] == lab)
     ds = load_dataset(config["dataset"])
-    model, _ = model_from_checkpoint(ckpt, config.get("model"), ds)
+    source = {k: v for k, v in (config.get("model_source") or {}).items() if k in ("weights", "model_dir", "normalize")}
+    model, _ = load_model(config.get("model"), ckpt, ds, norm=t["norm"], **source)  # as the run loaded it
     model.to(device).eval()
     # which samples: from outcomes.csv (this threat), fooled ones first
     rows = []

@@ -38,10 +38,11 @@ from .models import MODELS
 from .runfolder import RunFolder, RunInterrupted
 from .runtime import (SILENT, AttackBars, FastPaths, Narrator, check_positive, check_seed, env_rank,
                       resolve_device)
+from .sources import check_source, kind
 from .specs import AttackSpec, build_attacks, mode_name
 from .threat import ThreatModel, check_norm, format_eps, parse_eps
 from .training import RobustValidation, TrainConfig, TrainResult, train
-from .zoo import load_model, zoo_path
+from .zoo import load_model, uses_zoo, zoo_path
 
 
 # --- an evaluation run ----------------------------------------------------------------------------
@@ -75,6 +76,9 @@ class RunSpec:
     resume: Optional[str] = None            # id (or unique prefix) of an unfinished run to continue (runfolder.py)
     suite_entry: str = ""                   # "<suite key>:<model index>" for a suite's run (runfolder.py)
     network: Optional[torch.nn.Module] = field(default=None, compare=False, repr=False)  # a model built in Python
+    weights: Optional[str] = None           # tv:/timm: pretrained weights: DEFAULT, a weights name, or a file
+    model_dir: Optional[str] = None         # rb: RobustBench's layout <model_dir>/<dataset>/<threat>/<NAME>.pt
+    normalize: Optional[str] = None         # MEAN/STD (or a dataset name) the checkpoint's network expects
 
     def __post_init__(self):
         for name in ("threats", "attacks", "flags"):
@@ -103,6 +107,10 @@ class RunSpec:
                                f"{self.dataset}", "image_size")
         if self.checkpoint and not Path(self.checkpoint).is_file():
             raise AdvbenchError(f"checkpoint not found: {self.checkpoint}")
+        check_source(self.model, self.checkpoint, self.weights, self.model_dir, self.normalize)
+        if kind(self.model) == "rb" and len({t.norm for t in self.threats}) > 1:
+            raise SettingError(f"{self.model} is RobustBench's model for one threat model: give one {{norm}} per run "
+                               f"(got {', '.join(sorted({t.norm for t in self.threats}))})", "norm")
         if not self.threats:
             raise AdvbenchError("no threat model given")
         if not self.attacks:
@@ -250,9 +258,11 @@ def _load(spec: RunSpec, device: torch.device, narrator: Narrator):
     if spec.network is not None:
         check_network(spec.network, ds)
         return spec.network, ds, network_info(spec.model, spec.network, ds)
-    if not spec.checkpoint and not zoo_path(spec.model, ds).is_file():
+    if uses_zoo(spec.model, spec.checkpoint, spec.weights) and not zoo_path(spec.model, ds).is_file():
         narrator.say(f"dataset {ds.name} ({spec.dataset_reason(ds.name, narrator)})")
-    model, info = load_model(spec.model, spec.checkpoint, ds, seed=spec.seed, device=str(device), narrator=narrator)
+    model, info = load_model(spec.model, spec.checkpoint, ds, seed=spec.seed, device=str(device), narrator=narrator,
+                             weights=spec.weights, model_dir=spec.model_dir, normalize=spec.normalize,
+                             norm=spec.threats[0].norm if spec.threats else "linf", download=spec.download)
     return model, ds, info
 
 
@@ -328,6 +338,10 @@ def _run_config(spec: RunSpec, info: Dict[str, Any], n_total: int, device, ctx) 
     info.update(timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device), seed=spec.seed,
                 version=leaderboard.version(), flags=";".join(flags))
     resolved = build_attacks(spec.attacks, spec.threats[:1], spec.seed)
+    source = {k: v for k, v in (("weights", spec.weights), ("model_dir", spec.model_dir),
+                                ("normalize", spec.normalize)) if v is not None}
+    if source:
+        info["model_source"] = dict(source)  # how the model was loaded: the reportable command repeats it
     return {
         "run_id": "", "source": spec.source, "timestamp": info["timestamp"], "version": info["version"],
         "model": info["model"], "checkpoint": info["checkpoint"], "checkpoint_sha256": info["checkpoint_sha256"],
@@ -339,6 +353,7 @@ def _run_config(spec: RunSpec, info: Dict[str, Any], n_total: int, device, ctx) 
         "attacks": [{"label": a.label, "name": a.name, "params": dict(a.params),
                      "resolved": resolved[(spec.threats[0], a.label)].config()} for a in spec.attacks],
         **({"suite_entry": spec.suite_entry} if spec.suite_entry else {}),
+        **({"model_source": source} if source else {}),
     }
 
 

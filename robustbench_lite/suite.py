@@ -17,6 +17,9 @@ evaluation run per model (runs.RunSpec; `advbench run SUITE.yaml` executes them)
       - name: smallcnn
         checkpoint: models/smallcnn-mnist-5k-pgd-at.pt   # e.g. train-robust --out models/...
         dataset: mnist-5k             # optional, per model
+      - {name: "file:nets/my_net.py:Net", checkpoint: my_net.pt, normalize: cifar10}   # your own model
+      - {name: rb:Standard, model_dir: models, dataset: cifar10}                      # RobustBench's zoo
+      - {name: tv:resnet18, weights: DEFAULT}                                         # pretrained weights
     threats:
       - {norm: linf, eps: 0.1}
       - {norm: linf, eps: [0.2, 0.3]} # a list is an eps sweep
@@ -46,12 +49,13 @@ from .models import MODELS
 from .registry import suggest
 from .runs import RunSpec
 from .runtime import FastPaths, check_seed
+from .sources import check_source
 from .specs import AttackSpec, parse_attack_specs
 from .threat import ThreatModel, check_norm, parse_eps
 
 TOP_KEYS = ("name", "description", "dataset", "data_dir", "download", "n_examples", "batch_size", "seed", "device",
             "results_dir", "masking_checks", "cascade", "channels_last", "compile", "models", "threats", "attacks")
-MODEL_KEYS = ("name", "checkpoint", "dataset")
+MODEL_KEYS = ("name", "checkpoint", "dataset", "weights", "model_dir", "normalize")
 THREAT_KEYS = ("norm", "eps")
 ATTACK_KEYS = ("name", "label")  # and the attack's own settings: attacks.parameters(name)
 # the suite-wide settings: (key, type, what a value must be)
@@ -87,7 +91,8 @@ class Suite:
                         source=f"advbench run {self.path}", flags=(f"suite={self.name}",),
                         masking_checks=bool(s.get("masking_checks", True)),
                         fast=FastPaths(channels_last=bool(s.get("channels_last", False)),
-                                       compile=bool(s.get("compile", False))))
+                                       compile=bool(s.get("compile", False))),
+                        weights=m.get("weights"), model_dir=m.get("model_dir"), normalize=m.get("normalize"))
                 for m in self.models]
 
 
@@ -232,7 +237,8 @@ def _model(r: _Reader, m: Any, il: _Loc, section: str) -> Dict[str, Any]:
     if isinstance(m, str):
         m = {"name": m}
     if not isinstance(m, dict):
-        raise r.err(il.line, f"{section} must be a model name or a mapping with name / checkpoint / dataset")
+        raise r.err(il.line, f"{section} must be a model name or a mapping with name / checkpoint / dataset "
+                             f"(and weights / model_dir / normalize)")
     r.known_keys(m, il, MODEL_KEYS, section)
     for k in MODEL_KEYS:
         r.typed(m, il, k, str, "a string", f"{section}.")
@@ -244,6 +250,8 @@ def _model(r: _Reader, m: Any, il: _Loc, section: str) -> Dict[str, Any]:
         r.wrap(lambda: DATASETS.canonical(m["dataset"]), il.child("dataset").line)
     if m.get("checkpoint") and not Path(m["checkpoint"]).is_file():
         raise r.err(il.child("checkpoint").line, f"{section}: checkpoint not found: {m['checkpoint']}")
+    r.wrap(lambda: check_source(m.get("name"), m.get("checkpoint"), m.get("weights"), m.get("model_dir"),
+                                m.get("normalize")), il.line)
     return {k: m.get(k) for k in MODEL_KEYS}
 
 

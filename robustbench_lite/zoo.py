@@ -7,10 +7,13 @@ the dataset's name made file-name safe (npz:PATH gives npz-STEM) and FINGERPRINT
 Dataset.fingerprint (a sha256 of the arrays): an entry belongs to the data, not to a file name, so
 npz files with the same stem but other contents get entries of their own.
 
-A run's model comes from here (load_model): a checkpoint file, or without one the zoo entry of the
-model name, and when there is none a standard baseline is trained first (and the narrator says
-so). Checking for the entry, training it and writing it happen under a lock on the entry:
-concurrent runs train it once, the others wait and then use it. model_info describes a loaded
+A run's model comes from here (load_model, the one resolver of model names): a model from elsewhere
+(rb:NAME from RobustBench's zoo, tv:NAME / timm:NAME with pretrained weights: sources.py), a
+checkpoint file (an advbench checkpoint, or a plain state_dict of the named architecture, e.g. the
+user's own file:PATH.py:NAME), or without one the zoo entry of the model name, and when there is
+none a standard baseline is trained first (and the narrator says so). Checking for the entry,
+training it and writing it happen under a lock on the entry: concurrent runs train it once, the
+others wait and then use it. model_info describes a loaded
 model as the leaderboard records it (name, checkpoint sha256, dataset sha256, defense, activation)."""
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from .data import Dataset, load_dataset
 from .fileio import check_not_directory, locked
 from .models import model_for_dataset
 from .runtime import SILENT, Narrator
+from .sources import is_pretrained, load_pretrained, parse_normalize
 from .training import TrainConfig, train
 
 # Baseline budgets that reach sane clean accuracy on 2 CPU cores in reasonable time.
@@ -118,20 +122,37 @@ def get_or_train(model: str, ds: Dataset, seed: int = 0, device: str = "cpu",
 
 
 def load_model(name: Optional[str], checkpoint: Optional[str], ds: Dataset, *, seed: int = 0, device: str = "cpu",
-               narrator: Narrator = SILENT) -> Tuple[nn.Module, Dict[str, Any]]:
-    """(model in eval mode, model_info) for a run on ``ds``: the ``checkpoint`` file (its architecture
-    from the file, or ``name`` for a plain state_dict), else the zoo baseline of ``name`` (trained
-    first when missing, with ``seed`` on ``device``)."""
-    if checkpoint:
+               narrator: Narrator = SILENT, weights: Optional[str] = None, model_dir: Optional[str] = None,
+               normalize: Optional[str] = None, norm: str = "linf", download: bool = False
+               ) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(model in eval mode, model_info) for a run on ``ds``:
+
+    * rb:NAME: RobustBench's model for ``ds`` and ``norm`` with its weights from ``model_dir``;
+    * tv:NAME / timm:NAME with ``weights`` (DEFAULT, a weights name, or a file): pretrained weights;
+    * the ``checkpoint`` file (its architecture from the file, or ``name`` for a plain state_dict, whose
+      network expects inputs normalised with ``normalize``: MEAN/STD or a dataset name);
+    * else the zoo baseline of ``name`` (trained first when missing, with ``seed`` on ``device``).
+
+    Weights are fetched from the network only with ``download``; a missing file is one error naming it."""
+    if is_pretrained(name, weights):
+        model, path, flags = load_pretrained(name, ds, weights=weights, model_dir=model_dir, normalize=normalize,
+                                             norm=norm, download=download)
+        ckpt: Dict[str, Any] = {"format": None, "model": name}
+    elif checkpoint:
         path = Path(checkpoint)
-        model, ckpt = model_from_checkpoint(path, name, ds)
-        flags = []
+        model, ckpt = model_from_checkpoint(path, name, ds, normalize=parse_normalize(normalize))
+        flags = ["normalize"] if normalize else []
     else:
         model, path, _ = get_or_train(name, ds, seed=seed, device=device, narrator=narrator)
         ckpt = read_checkpoint(path)
         flags = ["zoo"]
     model.eval()
     return model, model_info(path, ckpt, model, ds, name, flags)
+
+
+def uses_zoo(name: Optional[str], checkpoint: Optional[str], weights: Optional[str] = None) -> bool:
+    """Whether load_model takes ``name``'s zoo baseline (neither a checkpoint nor pretrained weights)."""
+    return not checkpoint and not is_pretrained(name, weights)
 
 
 def model_info(path: Path, ckpt: Dict[str, Any], model: nn.Module, ds: Dataset, name: Optional[str] = None,
