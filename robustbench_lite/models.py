@@ -552,9 +552,10 @@ def check_takes(model: nn.Module, name: str, dataset) -> None:
     """One image of ``dataset`` through ``model`` (eval mode, no gradients): it must give one logit per
     class. Anything else is one AdvbenchError naming the model and the dataset."""
     c, h, w = dataset.input_shape
+    device = next(iter(model.parameters()), torch.empty(0)).device
     try:
         with attack_mode(model, "eval"), torch.no_grad():
-            out = model(torch.zeros(1, c, h, w))
+            out = model(torch.zeros(1, c, h, w, device=device))
     except Exception as exc:  # e.g. a ViT built for 224 px, non-square images, a user's forward
         raise AdvbenchError(f"model {name!r} cannot take the {c}x{h}x{w} images of dataset {dataset.name} "
                             f"({_first_line(exc)})") from None

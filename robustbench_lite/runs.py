@@ -34,7 +34,7 @@ from .data import DATASETS, DEFAULT_DATASET, check_image_size, check_n_examples,
 from .errors import AdvbenchError, SettingError
 from .evaluator import EvalResult, evaluate
 from .fileio import ensure_dir
-from .models import MODELS
+from .models import MODELS, check_takes
 from .runfolder import RunFolder, RunInterrupted
 from .runtime import (SILENT, AttackBars, FastPaths, Narrator, check_positive, check_seed, env_rank,
                       resolve_device)
@@ -256,7 +256,7 @@ def _load(spec: RunSpec, device: torch.device, narrator: Narrator):
                      f"{len(ds.y_test):,} images (seeded subsets), not RobustBench's list of 5,000 (pip install "
                      f"'advbench[robustbench]')")
     if spec.network is not None:
-        check_network(spec.network, ds)
+        check_takes(spec.network, spec.model, ds)
         return spec.network, ds, network_info(spec.model, spec.network, ds)
     if uses_zoo(spec.model, spec.checkpoint, spec.weights) and not zoo_path(spec.model, ds).is_file():
         narrator.say(f"dataset {ds.name} ({spec.dataset_reason(ds.name, narrator)})")
@@ -264,28 +264,6 @@ def _load(spec: RunSpec, device: torch.device, narrator: Narrator):
                              weights=spec.weights, model_dir=spec.model_dir, normalize=spec.normalize,
                              norm=spec.threats[0].norm if spec.threats else "linf", download=spec.download)
     return model, ds, info
-
-
-def check_network(network: torch.nn.Module, ds) -> None:
-    """A model built in Python must take the dataset's images and give one logit per class: tried on the
-    first test image (eval mode, no gradients; the model's mode is restored)."""
-    x = ds.x_test[:1]
-    x = x.load() if ds.streamed else x
-    was_training = network.training
-    try:
-        network.eval()
-        with torch.no_grad():
-            out = network(x.to(next(iter(network.parameters()), x).device))
-    except Exception as exc:  # noqa: BLE001 - whatever the model raises, it cannot take these images
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise AdvbenchError(f"the model cannot take the {'x'.join(map(str, ds.input_shape))} images of dataset "
-                            f"{ds.name} ({type(exc).__name__}: {why})") from None
-    finally:
-        network.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, ds.num_classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise AdvbenchError(f"the model gives {shape} for one image of dataset {ds.name}; expected logits of "
-                            f"shape (1, {ds.num_classes}), one per class")
 
 
 def network_info(name: str, network: torch.nn.Module, ds) -> Dict[str, Any]:
