@@ -372,7 +372,10 @@ class StreamedImages:
     def _positions(self, index: Selection) -> List[int]:
         if isinstance(index, slice):
             return list(range(len(self.files)))[index]
-        return [int(i) for i in torch.as_tensor(index).reshape(-1).tolist()]
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:  # a mask, as a tensor takes it
+            index = index.reshape(-1).nonzero().reshape(-1)
+        return [int(i) for i in index.reshape(-1).tolist()]
 
     def __getitem__(self, index: Selection) -> "StreamedImages":
         return StreamedImages([self.files[i] for i in self._positions(index)], self.size, self.root, self.workers)
@@ -382,6 +385,11 @@ class StreamedImages:
         ``pin_memory``, for asynchronous copies to a GPU)."""
         sels = [self._positions(s) for s in selections]
         if not sels:
+            return
+        if not all(sels):  # an empty selection is an empty batch (a DataLoader cannot collate one)
+            for sel in sels:
+                yield from (self[sel].batches([range(len(sel))], pin_memory) if sel else
+                            [torch.zeros(0, 3, self.size, self.size)])
             return
         workers = min(self.workers, len(sels)) if len(sels) > 1 else 0  # one batch: no worker to start
         loader = torch.utils.data.DataLoader(ImageFiles(self.files, self.size), batch_sampler=sels,
@@ -395,7 +403,7 @@ class StreamedImages:
 
     def load(self) -> torch.Tensor:
         """All these images as one CPU tensor (for a few: a check subset, a report's examples)."""
-        return next(self.batches([range(len(self.files))]), torch.zeros(0, 3, self.size, self.size))
+        return next(self.batches([range(len(self.files))]))
 
     def to(self, *args, **kwargs) -> torch.Tensor:
         return self.load().to(*args, **kwargs)

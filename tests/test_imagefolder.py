@@ -90,6 +90,13 @@ def test_streamed_images_equal_torchvision_imagefolder(tmp_path):
     x, y, ids = ds.subset("test", 5, seed=3)
     assert isinstance(x, StreamedImages) and len(x) == 5
     assert torch.equal(x.to("cpu"), x_ref[ids]) and torch.equal(y, y_ref[ids])
+    # an empty selection (no clean-correct sample for the masking checks) is an empty batch
+    none = torch.zeros(21, dtype=torch.bool)
+    assert ds.x_test[none].to("cpu").shape == (0, 3, 32, 32)
+    mask = torch.arange(21) % 4 == 1  # a boolean mask selects as it does on a tensor
+    assert torch.equal(ds.x_test[mask].to("cpu"), x_ref[mask])
+    parts = list(ds.x_test.batches([range(0, 2), [], range(19, 21)]))
+    assert [b.shape[0] for b in parts] == [2, 0, 2] and torch.equal(parts[2], x_ref[19:21])
     # the fingerprint is the files' and the size's: another crop is another dataset
     assert load_dataset(f"imagefolder:{root}", image_size=40).fingerprint != ds.fingerprint
     assert load_dataset(f"imagefolder:{root}").input_shape == (3, 224, 224)
