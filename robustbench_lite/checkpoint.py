@@ -166,8 +166,9 @@ def load_state(model, state_dict: Dict[str, torch.Tensor], source: str = "checkp
     """load_state_dict with an error that names missing / unexpected / mis-shaped keys."""
     own = model.state_dict()
     sd = dict(state_dict)
-    if not any(k.startswith("normalize.") for k in sd) and not any(k.startswith("body.") for k in sd):
-        # a plain state_dict of the bare network: prefix it, keep our normalisation
+    if not {"normalize.mean", "normalize.std"} <= set(sd):
+        # a plain state_dict of the bare network (whatever its keys: a user's network may well have a
+        # module named body): prefix it, keep our normalisation
         sd = {f"body.{k}": v for k, v in sd.items()}
         for k in ("normalize.mean", "normalize.std"):
             sd[k] = own[k]

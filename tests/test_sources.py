@@ -32,15 +32,16 @@ import torch.nn as nn
 
 
 class Net(nn.Module):
-    """A small CNN for 3x32x32 images, 10 classes, that takes the images as they come."""
+    """A small CNN for 3x32x32 images, 10 classes, that takes the images as they come; its first
+    module is called body, as our own models' network is (its state_dict keys start with body.)."""
 
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(3, 8, 3, padding=1)
         self.head = nn.Linear(8 * 4 * 4, 10)
 
     def forward(self, x):
-        x = torch.relu(self.conv(x))
+        x = torch.relu(self.body(x))
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 4), 1))
 
 
@@ -200,8 +201,8 @@ def test_file_model_errors_are_one_line(work):
         (["--model", "file:net.py:NOT_A_MODEL", "--checkpoint", d / "net.pt"],
          "error: NOT_A_MODEL of model file net.py is a int, not an nn.Module class or a factory"),
         (["--model", "file:net.py:Net", "--checkpoint", d / "linear.pt"],
-         f"error: checkpoint {d}/linear.pt does not match model 'file:net.py:Net': missing keys: body.conv.weight, "
-         f"body.conv.bias, body.head.weight, body.head.bias; unexpected keys: body.weight, body.bias"),
+         f"error: checkpoint {d}/linear.pt does not match model 'file:net.py:Net': missing keys: body.body.weight, "
+         f"body.body.bias, body.head.weight, body.head.bias; unexpected keys: body.weight, body.bias"),
         (["--model", "file:net.py:Net", "--checkpoint", d / "net.pt", "--normalize", "0.5"],
          "error: --normalize must be MEAN/STD (e.g. 0.5/0.25, or one value per channel: "
          "0.4914,0.4822,0.4465/0.2471,0.2435,0.2616) or a dataset name such as cifar10 or imagenet (got '0.5')"),
