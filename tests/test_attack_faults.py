@@ -181,12 +181,12 @@ def test_weaker_than_fgsm_on_the_check_subset_skips_targeted_attacks(trained_sma
     """Fault 4, the check that runs its own FGSM when the run had none: a random-target PGD, weaker
     than FGSM here by far, is not compared."""
     model, x_test, y_test = trained_smallcnn
-    x, y = x_test[:30], y_test[:30]
+    x, y = x_test[:60], y_test[:60]
     threat = ThreatModel("linf", 0.1)
-    res = evaluate(model, x, y, [{"name": "pgd", "targeted": "random", "steps": 5}], threat, batch_size=30)
-    fgsm = evaluate(model, x, y, ["fgsm"], threat, batch_size=30)
+    res = evaluate(model, x, y, [{"name": "pgd", "targeted": "random", "steps": 2}], threat, batch_size=60)
+    fgsm = evaluate(model, x, y, ["fgsm"], threat, batch_size=60)
     assert res.threats[0].robust_acc("pgd") > fgsm.threats[0].robust_acc("fgsm") + 2 * masking.FGSM_TOLERANCE
-    warnings = masking.check_run(model, x, y, torch.arange(30), res, n_check=30)
+    warnings = masking.check_run(model, x, y, torch.arange(60), res, n_check=60)
     assert "weaker-than-fgsm" not in {w.check for w in warnings}, [w.message for w in warnings]
 
 
