@@ -17,6 +17,7 @@ accuracy after each attack of the cascade and that attack's seconds (the referen
 
     .venv/bin/python benchmarks/autoattack_compare.py --json results/autoattack_compare.json
     .venv/bin/python benchmarks/autoattack_compare.py --models mnist --n 200    # quicker
+    .venv/bin/python benchmarks/autoattack_compare.py --device cuda              # on a GPU
 
 Not a test: the numbers are printed, never asserted. Needs the optional extra:
 pip install 'advbench[autoattack]'.
@@ -92,11 +93,17 @@ def trained_model(case: Case, work: Path, seed: int):
     return model.eval(), ds
 
 
-def ours(model, x, y, threat: ThreatModel, batch_size: int, seed: int):
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ours(model, x, y, threat: ThreatModel, batch_size: int, seed: int, device: str):
     """Our standard suite as `advbench attack --suite standard` runs it: a cascade on survivors."""
     t0, c0 = time.perf_counter(), time.process_time()
-    res = evaluate(model, x, y, suite_attack_specs("standard"), threat, batch_size=batch_size, device="cpu",
+    res = evaluate(model, x, y, suite_attack_specs("standard"), threat, batch_size=batch_size, device=device,
                    seed=seed, cascade=True)
+    _sync(device)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     t = res.threats[0]
     return {"clean": res.clean_acc, "robust": t.worst_case_acc, "seconds": seconds, "cpu_seconds": cpu,
@@ -120,7 +127,7 @@ class _AttackLog(logging.Handler):
             self.after[m.group(1).lower()] = (float(m.group(2)) / 100, float(m.group(3)))
 
 
-def reference(model, x, y, threat: ThreatModel, batch_size: int, seed: int):
+def reference(model, x, y, threat: ThreatModel, batch_size: int, seed: int, device: str):
     """pyautoattack's AutoAttack standard on the same model, images and threat model (its log
     silenced); robust accuracy = float32 predictions of its adversarial images."""
     try:
@@ -128,7 +135,7 @@ def reference(model, x, y, threat: ThreatModel, batch_size: int, seed: int):
     except ImportError:
         raise SystemExit("the reference needs the optional package pyautoattack: pip install 'advbench[autoattack]'")
     aa = AutoAttack(model, norm="Linf" if threat.norm == "linf" else "L2", eps=threat.eps, version="standard",
-                    seed=seed, device="cpu")
+                    seed=seed, device=device)
     logger, collect = logging.getLogger("auto-attack"), _AttackLog()
     level, propagate = logger.level, logger.propagate
     logger.addHandler(collect)
@@ -138,6 +145,7 @@ def reference(model, x, y, threat: ThreatModel, batch_size: int, seed: int):
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             out = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+        _sync(device)
     finally:
         logger.removeHandler(collect)
         logger.setLevel(level)
@@ -161,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the models are trained on the CPU once)")
     p.add_argument("--work-dir", type=Path, default=ROOT / ".bench" / "autoattack_compare")
     p.add_argument("--prepare-only", action="store_true", help="train (or find) the models, evaluate nothing")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -174,12 +183,13 @@ def main(argv=None) -> int:
         model, ds = trained_model(case, work, args.seed)
         if args.prepare_only:
             continue
-        x, y = ds.x_test[:args.n], ds.y_test[:args.n]
+        model = model.to(args.device)
+        x, y = ds.x_test[:args.n].to(args.device), ds.y_test[:args.n].to(args.device)
         threat = ThreatModel("linf", case.eps)
         log(f"{key}: ours (--suite standard, cascade) on {len(y)} images at {threat}")
-        a = ours(model, x, y, threat, args.batch_size, args.seed)
+        a = ours(model, x, y, threat, args.batch_size, args.seed, args.device)
         log(f"{key}: reference AutoAttack standard")
-        b = reference(model, x, y, threat, args.batch_size, args.seed)
+        b = reference(model, x, y, threat, args.batch_size, args.seed, args.device)
         rows.append({"model": key, "dataset": ds.name, "threat": str(threat), "n": len(y), "ours": a, "reference": b,
                      "diff_pp": 100 * (a["robust"] - b["robust"]), "time_ratio": a["seconds"] / b["seconds"],
                      "cpu_time_ratio": a["cpu_seconds"] / b["cpu_seconds"]})

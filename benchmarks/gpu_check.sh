@@ -9,6 +9,10 @@
 # quick (default, ~6 min on an H100): the gpu-marked tests, PGD-10 throughput of resnet18 and
 # preact-resnet18 per fast path, training-epoch ratios per fast path. full adds the fast-AT recipe
 # (fgsm-rs, preact-resnet18, 15 epochs) on the 20,000 JPEG-decoded CIFAR-10 training images.
+# autoattack (its own run): our --suite standard against the reference AutoAttack on the two PGD-trained
+# models of benchmarks/autoattack_compare.py (issue 14's time ratio, measured on the CPU here at ~1x);
+# prepare the reference's wheel too (pip download ... pyautoattack==0.2.0 into .whl) and carry
+# ".bench/autoattack_compare" (the trained models, made here by `autoattack_compare.py --prepare-only`).
 # Everything is printed and written as JSON/logs to $OUT (results/gpu without the device tool).
 set -uo pipefail
 mode=${1:-quick}
@@ -21,6 +25,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$O/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$O/gpu.txt"
+
+if [ "$mode" = autoattack ]; then
+  python3 benchmarks/autoattack_compare.py --device cuda --json "$O/autoattack_compare.json" 2>&1 \
+    | tee "$O/autoattack_compare.log"
+  exit 0
+fi
 
 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$O/gpu_tests.log"
 
