@@ -38,7 +38,7 @@ from .models import MODELS, check_takes
 from .runfolder import RunFolder, RunInterrupted
 from .runtime import (SILENT, AttackBars, FastPaths, Narrator, check_positive, check_seed, env_rank,
                       resolve_device)
-from .sources import check_source, kind
+from .sources import check_source, kind, weights_image_size
 from .specs import AttackSpec, build_attacks, mode_name
 from .threat import ThreatModel, check_norm, format_eps, parse_eps
 from .training import RobustValidation, TrainConfig, TrainResult, train
@@ -282,14 +282,14 @@ def network_info(name: str, network: torch.nn.Module, ds) -> Dict[str, Any]:
 
 
 def _image_size(spec: RunSpec, ckpt) -> Optional[int]:
-    """An image folder's crop: the run's image_size, else the checkpoint's input size (square), else None
-    (the dataset's default)."""
+    """An image folder's crop: the run's image_size, else the checkpoint's input size (square), else the
+    crop of tv:NAME's pretrained weights, else None (the dataset's default)."""
     if spec.image_size is not None:
         return spec.image_size
     shape = ckpt.get("input_shape") or []
     if len(shape) == 3 and isinstance(shape[1], int) and shape[1] == shape[2] and shape[1] >= 8:
         return int(shape[1])
-    return None
+    return weights_image_size(spec.model, spec.weights)
 
 
 def _test_data(spec: RunSpec, ds, ctx) -> Tuple[Tuple[torch.Tensor, torch.Tensor, torch.Tensor], int]:

@@ -151,6 +151,15 @@ def _torchvision_weights(tv_name: str, weights: str):
     return tvm, enum, w, None
 
 
+def weights_image_size(model: Optional[str], weights: Optional[str]) -> Optional[int]:
+    """The crop size of tv:NAME's pretrained ``weights`` (a file: the DEFAULT weights'), what an image
+    folder is cropped to for it; None for other models (timm's config is not read here)."""
+    if not weights or kind(model) != "tv":
+        return None
+    _, _, w, _ = _torchvision_weights(_rest(model), weights)
+    return _first(w.transforms().crop_size)
+
+
 def hub_path(url: str) -> Path:
     """Where torch.hub keeps the file of ``url``: $TORCH_HOME/hub/checkpoints/<file name>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)

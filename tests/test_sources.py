@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from robustbench_lite import sources, zoo
+from robustbench_lite import runs, sources, zoo
 from robustbench_lite.checkpoint import build_checkpoint, file_sha256, save_checkpoint
 from robustbench_lite.cli import app
 from robustbench_lite.data import load_dataset
@@ -285,6 +285,35 @@ def test_tv_weights_file_takes_the_weights_preprocessing(work):
                "--results-dir", d / "results", "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["model"] == "tv:resnet18"
+
+
+def test_an_image_folder_is_cropped_to_the_tv_weights_input_size(work, monkeypatch):
+    """tv:NAME --weights on an image folder: the crop is the weights' (efficientnet_b1: 240 px), unless
+    --image-size says otherwise; other models keep the folder's default."""
+    import torchvision
+    from PIL import Image
+
+    d, _ = work
+    for c in range(3):
+        (d / "folder" / f"c{c}").mkdir(parents=True)
+        Image.fromarray(np.full((300, 260, 3), 60 * c, np.uint8)).save(d / "folder" / f"c{c}" / "a.jpg")
+    torch.save(torchvision.models.efficientnet_b1(num_classes=3).state_dict(), d / "b1.pth")
+    assert sources.weights_image_size("tv:efficientnet_b1", str(d / "b1.pth")) == 240
+    assert sources.weights_image_size("tv:resnet18", "DEFAULT") == 224
+    assert sources.weights_image_size("smallcnn", None) is None and sources.weights_image_size("tv:resnet18", None) is None
+    loaded = []
+
+    def load(*args, **kw):
+        ds = load_dataset(*args, **kw)
+        loaded.append(ds.input_shape)
+        return ds
+
+    monkeypatch.setattr(runs, "load_dataset", load)
+    for extra, size in (([], 240), (["--image-size", "64"], 64)):
+        r = attack("--model", "tv:efficientnet_b1", "--weights", d / "b1.pth", "--dataset",
+                   f"imagefolder:{d / 'folder'}", "-n", "all", "--results-dir", d / "results", *extra)
+        assert r.exit_code == 0, r.stderr
+        assert loaded[-1] == (3, size, size)
 
 
 def test_tv_default_weights_come_from_the_torch_hub_cache(work):
