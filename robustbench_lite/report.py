@@ -124,14 +124,16 @@ def adversarial_examples(config: Dict[str, Any], summary: Dict[str, Any], run_pa
                          device: str = "cpu"):
     """Re-run the run's strongest attack on ``n`` clean-correct samples (fooled ones first).
     Returns dict(x, x_adv, y, clean_pred, adv_pred, ids, label, threat)."""
-    ckpt = config.get("checkpoint")
-    if not ckpt or not Path(ckpt).is_file():
+    ckpt = config.get("checkpoint") or None
+    source = {k: v for k, v in (config.get("model_source") or {}).items() if k in ("weights", "model_dir", "normalize")}
+    if ckpt is None and not source.get("weights") and not str(config.get("model", "")).lower().startswith("rb:"):
+        raise AdvbenchError("the run's model was built in Python: cannot re-run the attack for the examples")
+    if ckpt is not None and not Path(ckpt).is_file():
         raise AdvbenchError(f"checkpoint {ckpt!r} of the run is not there: cannot re-run the attack for the examples")
     t, lab = _strongest(summary)
     threat = ThreatModel(t["norm"], t["eps"])
     spec = next(a for a in config["attacks"] if a["label"] == lab)
-    ds = load_dataset(config["dataset"])
-    source = {k: v for k, v in (config.get("model_source") or {}).items() if k in ("weights", "model_dir", "normalize")}
+    ds = load_dataset(config["dataset"], data_dir=config.get("data_dir"), image_size=config.get("image_size"))
     model, _ = load_model(config.get("model"), ckpt, ds, norm=t["norm"], **source)  # as the run loaded it
     model.to(device).eval()
     # which samples: from outcomes.csv (this threat), fooled ones first

@@ -197,6 +197,8 @@ def execute_run(spec: RunSpec, narrator: Narrator = Narrator()) -> RunRecord:
                  f"({spec.dataset_reason(info['dataset'], narrator)}): {', '.join(a.label for a in spec.attacks)} "
                  f"({mode_name(spec.cascade)}) x {', '.join(str(t) for t in spec.threats)} on {where}")
     config = _run_config(spec, info, n_total, device, ctx)
+    if ds.streamed:  # what reloads its images (advbench report): the folder and the crop
+        config.update(data_dir=spec.data_dir, image_size=int(ds.input_shape[1]))
     folder = _open_folder(spec, config, info, resumed, ctx, narrator) if recording else None
     journal = folder.journal() if folder is not None and not ctx.enabled else None  # DDP: no journal
     try:

@@ -146,6 +146,11 @@ def test_imagefolder_attacked_end_to_end_through_the_cli(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["sample_id"]) for r in rows] == list(range(21))
     assert [int(r["label"]) for r in rows] == y_ref.tolist()
+    # the report reloads the folder at the run's crop and re-runs the attack for its example images
+    run_dir = Path(summary["run_dir"])
+    r = run("report", run_dir.name, "--results-dir", results)
+    assert r.exit_code == 0, r.stderr
+    assert (run_dir / "examples.png").is_file() and "no example images" not in (run_dir / "report.md").read_text()
     # a crop the checkpoint cannot take is refused in one line
     assert fails("attack", "--checkpoint", ckpt, "--dataset", f"imagefolder:{root}", "--image-size", "40",
                  "--eps", "8/255", "--results-dir", results, "-n", "all") == (
