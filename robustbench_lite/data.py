@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 import torch.utils.data
 
-from .errors import AdvbenchError, SettingError
+from .errors import AdvbenchError, SettingError, first_line
 from .registry import Registry
 
 DATASETS = Registry("dataset")
@@ -343,8 +343,7 @@ class ImageFiles(torch.utils.data.Dataset):
                 im = TF.center_crop(TF.resize(im.convert("RGB"), resize_for(self.size)), self.size)
                 return TF.to_tensor(im), ""
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same problem
-            why = (str(exc).splitlines() or [type(exc).__name__])[0]
-            return torch.zeros(3, self.size, self.size), f"{path} is not a readable image ({why})"
+            return torch.zeros(3, self.size, self.size), f"{path} is not a readable image ({first_line(exc)})"
 
 
 Selection = Union[slice, range, torch.Tensor, Sequence[int]]

@@ -10,11 +10,18 @@ robustbench_lite.cli knows flag names.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 
 class AdvbenchError(Exception):
     """Bad input or an unusable file: reported as one line, exit code 2."""
+
+
+def first_line(exc: BaseException, limit: Optional[int] = None) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none), for an error line
+    that reports it; cut to ``limit`` characters when given."""
+    line = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
+    return line if limit is None or len(line) <= limit else line[:limit - 3] + "..."
 
 
 class UnknownNameError(AdvbenchError, KeyError):

@@ -28,7 +28,7 @@ import torch.nn as nn
 from attacks.engine import attack_mode
 from defenses.activations import ACTIVATIONS
 
-from .errors import AdvbenchError, SettingError
+from .errors import AdvbenchError, SettingError, first_line
 from .registry import Registry, suggest
 
 MODELS = Registry("model", entry_point_group="advbench.models")
@@ -372,10 +372,6 @@ def check_installed(module: str, extra: str, what: str) -> None:
         raise extra_missing(module, extra, what)
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
-
-
 _USER_MODULES: Dict[Tuple[str, int], Any] = {}
 
 
@@ -423,13 +419,13 @@ def _import_user(target: str, is_file: bool):
         except Exception as exc:  # the user's code: any failure is their file's, reported in one line
             sys.modules.pop(name, None)
             raise AdvbenchError(f"model file {Path(target).expanduser()} could not be imported "
-                                f"({type(exc).__name__}: {_first_line(exc)})") from None
+                                f"({type(exc).__name__}: {first_line(exc)})") from None
         _USER_MODULES[key] = module
         return module
     try:
         return importlib.import_module(target)
     except Exception as exc:
-        raise AdvbenchError(f"module {target} could not be imported ({type(exc).__name__}: {_first_line(exc)})"
+        raise AdvbenchError(f"module {target} could not be imported ({type(exc).__name__}: {first_line(exc)})"
                             ) from None
 
 
@@ -460,7 +456,7 @@ def build_user_network(ref: str) -> nn.Module:
     try:
         net = obj()
     except Exception as exc:  # the user's constructor
-        raise AdvbenchError(f"{what}() failed ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise AdvbenchError(f"{what}() failed ({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(net, nn.Module):
         raise AdvbenchError(f"{what}() returned a {type(net).__name__}, not a torch.nn.Module")
     return net
@@ -558,7 +554,7 @@ def check_takes(model: nn.Module, name: str, dataset) -> None:
             out = model(torch.zeros(1, c, h, w, device=device))
     except Exception as exc:  # e.g. a ViT built for 224 px, non-square images, a user's forward
         raise AdvbenchError(f"model {name!r} cannot take the {c}x{h}x{w} images of dataset {dataset.name} "
-                            f"({_first_line(exc)})") from None
+                            f"({first_line(exc)})") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
         raise AdvbenchError(f"model {name!r} must return logits of shape (batch, classes); on one image of dataset "

@@ -34,7 +34,7 @@ import torch
 
 from .checkpoint import FORMAT, load_state, read_checkpoint
 from .data import known_normalization
-from .errors import AdvbenchError, SettingError
+from .errors import AdvbenchError, SettingError, first_line
 from .models import Classifier, check_installed, check_takes, optional_import, user_source
 from .registry import suggest
 
@@ -45,6 +45,7 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 RB_DATASETS = ("cifar10", "cifar100", "imagenet")
 RB_THREATS = {"linf": "Linf", "l2": "L2", "corruptions": "corruptions"}
 PRETRAINED = "DEFAULT"
+LINE_LIMIT = 200  # characters of a third-party error quoted in ours
 
 
 def kind(name: Optional[str]) -> str:
@@ -208,12 +209,7 @@ def _fetch(download, what: str, path: Path) -> None:
             download()
     except Exception as exc:  # offline: URLError / ConnectionError / gdown's errors
         raise AdvbenchError(f"could not download the weights of {what} to {path} ({type(exc).__name__}: "
-                            f"{_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    line = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+                            f"{first_line(exc, LINE_LIMIT)})") from None
 
 
 def _plain_state_dict(path: Path, what: str) -> Dict[str, torch.Tensor]:
@@ -222,7 +218,8 @@ def _plain_state_dict(path: Path, what: str) -> Dict[str, torch.Tensor]:
         try:
             return st.load_file(str(path), device="cpu")
         except Exception as exc:
-            raise AdvbenchError(f"weights {path} are corrupt or truncated ({_first_line(exc)})") from None
+            raise AdvbenchError(f"weights {path} are corrupt or truncated "
+                                f"({first_line(exc, LINE_LIMIT)})") from None
     ck = read_checkpoint(path)
     if ck.get("format") == FORMAT:
         raise SettingError(f"{path} is an advbench checkpoint: evaluate it with {{checkpoint}}", "checkpoint")
@@ -249,7 +246,8 @@ def load_timm(timm_name: str, weights: str, ds, normalize: Optional[Normalizatio
         try:
             net = timm.create_model(timm_name, pretrained=True, in_chans=c, pretrained_cfg_overlay=dict(state_dict=sd))
         except Exception as exc:  # timm's own adaptation of the file failed: the file is not these weights
-            raise AdvbenchError(f"weights {path} do not fit timm:{timm_name} ({_first_line(exc)})") from None
+            raise AdvbenchError(f"weights {path} do not fit timm:{timm_name} "
+                                f"({first_line(exc, LINE_LIMIT)})") from None
         label, load_into_body = "pretrained", None
     else:
         raise SettingError(f"timm:{timm_name} takes {{weights}} DEFAULT (timm's pretrained weights) or a file "
@@ -384,13 +382,14 @@ def load_robustbench(rb_name: str, ds, model_dir: Optional[str] = None, norm: st
         if "state_dict" in str(exc):
             raise AdvbenchError(f"{files[0]} does not match RobustBench's rb:{name} architecture "
                                 f"({_state_dict_error(exc)})") from None
-        raise AdvbenchError(f"rb:{name}: {files[0]} could not be loaded ({_first_line(exc)})") from None
+        raise AdvbenchError(f"rb:{name}: {files[0]} could not be loaded "
+                            f"({first_line(exc, LINE_LIMIT)})") from None
     except Exception as exc:  # a damaged file, or (download) no network
         if missing:
             raise AdvbenchError(f"could not download the weights of rb:{name} to {missing[0]} "
-                                f"({type(exc).__name__}: {_first_line(exc)})") from None
+                                f"({type(exc).__name__}: {first_line(exc, LINE_LIMIT)})") from None
         raise AdvbenchError(f"rb:{name}: {files[0]} could not be loaded ({type(exc).__name__}: "
-                            f"{_first_line(exc)})") from None
+                            f"{first_line(exc, LINE_LIMIT)})") from None
     c = ds.input_shape[0]
     model = Classifier(net, (0.0,) * c, (1.0,) * c,  # identity: RobustBench's models normalise inside themselves
                        dict(name=f"rb:{name}", in_channels=c, num_classes=ds.num_classes,
@@ -407,7 +406,7 @@ def _state_dict_error(exc: BaseException) -> str:
         line = re.sub(r"\s+", " ", line).strip().rstrip(".")
         if line:
             parts.append(line if len(line) <= 160 else line[:157] + "...")
-    return "; ".join(parts[:3]) or _first_line(exc)
+    return "; ".join(parts[:3]) or first_line(exc, LINE_LIMIT)
 
 
 # --- the resolver's entry point ----------------------------------------------------------------------
