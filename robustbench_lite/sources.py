@@ -332,12 +332,9 @@ def _import_robustbench(what: str):
             sys.modules.setdefault("autoattack.state", importlib.import_module("pyautoattack.state"))
         except ImportError:
             pass
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # robustbench's imports warn about deprecated torch APIs
-        utils = optional_import("robustbench.utils", "robustbench", what)
-        zoo = optional_import("robustbench.model_zoo", "robustbench", what)
-        enums = optional_import("robustbench.model_zoo.enums", "robustbench", what)
-    return utils, zoo, enums
+    # optional_import silences the import's warnings (robustbench's about deprecated torch APIs)
+    return tuple(optional_import(m, "robustbench", what)
+                 for m in ("robustbench.utils", "robustbench.model_zoo", "robustbench.model_zoo.enums"))
 
 
 def robustbench_path(model_dir, dataset: str, threat: str, name: str) -> Path:
