@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common import sync  # noqa: E402
 from defenses.methods import MethodConfig  # noqa: E402
 from robustbench_lite.checkpoint import model_from_checkpoint  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
@@ -93,17 +94,12 @@ def trained_model(case: Case, work: Path, seed: int):
     return model.eval(), ds
 
 
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def ours(model, x, y, threat: ThreatModel, batch_size: int, seed: int, device: str):
     """Our standard suite as `advbench attack --suite standard` runs it: a cascade on survivors."""
     t0, c0 = time.perf_counter(), time.process_time()
     res = evaluate(model, x, y, suite_attack_specs("standard"), threat, batch_size=batch_size, device=device,
                    seed=seed, cascade=True)
-    _sync(device)
+    sync(torch.device(device))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     t = res.threats[0]
     return {"clean": res.clean_acc, "robust": t.worst_case_acc, "seconds": seconds, "cpu_seconds": cpu,
@@ -145,7 +141,7 @@ def reference(model, x, y, threat: ThreatModel, batch_size: int, seed: int, devi
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             out = aa.run_standard_evaluation(x, y, batch_size=batch_size)
-        _sync(device)
+        sync(torch.device(device))
     finally:
         logger.removeHandler(collect)
         logger.setLevel(level)
